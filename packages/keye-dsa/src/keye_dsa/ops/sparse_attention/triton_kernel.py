@@ -1,0 +1,190 @@
+"""Triton sparse GQA attention, forward and backward (DESIGN §4).
+
+One program handles one query token and a pack of ``P`` KV groups, gathering each selected K/V row
+once and sharing it among all query heads of those groups.
+
+Why pack heads of several KV groups: ``tl.dot`` needs at least 16 rows, and a GQA group has fewer
+(Qwen3: G = 8). Padding the 8 heads to 16 rows would leave half of every MMA idle *and* spend a whole
+program on one 256-byte gather per index. Instead, the program takes ``P = 16 // G`` neighbouring KV
+groups (their ``P * G`` query heads are contiguous) and lays their queries out block-diagonally,
+``Q_bd[r, p*D + d] = q[h0 + r, d]`` if head ``r`` belongs to group ``p`` else 0, against the gathered
+tile ``K[idx, g0:g0+P, :]`` flattened to ``P*D`` columns. ``Q_bd @ K^T`` then gives every real head its
+own scores, the gathered row is one contiguous ``P*D*2``-byte read, and every MMA row is a real head.
+The zeros cost tensor-core cycles, which this op has to spare: at 2 * G FLOP per gathered byte it is
+bound by the gather, not the MMA. We do not pack several query *tokens*: each token gathers its own
+rows, so tokens cannot share an MMA operand unless their index sets coincide.
+
+Backward recomputes the probabilities from the saved log-sum-exp, writes dQ directly, and scatters dK
+and dV into fp32 buffers with atomic adds (an index may be selected by many queries).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from keye_dsa.ops._triton_utils import dot_flags, mma
+
+
+def pack_size(groups: int, num_kv_heads: int, head_dim: int) -> int:
+    """Largest P dividing Hkv with P * G <= 16 rows and P * D <= 256 gathered columns."""
+    block_d = triton.next_power_of_2(head_dim)
+    best = 1
+    for p in range(1, num_kv_heads + 1):
+        if num_kv_heads % p == 0 and p * groups <= 16 and p * block_d <= 256:
+            best = p
+    return best
+
+
+@triton.jit
+def _tile_layout(G: tl.constexpr, P: tl.constexpr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, P * BLOCK_D)
+    col_group = cols // BLOCK_D
+    col_dim = cols % BLOCK_D
+    row_ok = rows < P * G
+    col_ok = col_dim < D
+    diag = (rows[:, None] // G == col_group[None, :]) & row_ok[:, None] & col_ok[None, :]
+    return rows, row_ok, col_group, col_dim, col_ok, diag
+
+
+@triton.jit
+def _sparse_fwd(
+    Q, K, V, IDX, O, LSE,
+    sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt,
+    scale, KTOP, D,
+    G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    g0 = tl.program_id(1) * P
+    b = tl.program_id(2).to(tl.int64)
+    rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
+    h = g0 * G + rows
+    q = tl.load(Q + b * sqb + t * sqt + h[:, None] * sqh + col_dim[None, :], mask=diag, other=0.0)
+    kv_col = (g0 + col_group)
+    qk_scale = scale * 1.4426950408889634
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, P * BLOCK_D], tl.float32)
+    for n0 in range(0, KTOP, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
+        ok = idx >= 0
+        kmask = ok[:, None] & col_ok[None, :]
+        kt = tl.load(K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0)
+        vt = tl.load(V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0)
+        s = mma(q, tl.trans(kt), PRECISE, UPCAST)
+        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(vt.dtype), vt, PRECISE, UPCAST)
+        m = m_new
+    empty = l == 0.0
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    tl.store(O + b * sob + t * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag)
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
+    tl.store(LSE + b * slb + t * slt + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _sparse_bwd(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
+    sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sdob, sdot, sdoh, slb, slt,
+    sdqb, sdqt, sdqh, sdkb, sdks, sdkh,
+    scale, KTOP, D,
+    G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    g0 = tl.program_id(1) * P
+    b = tl.program_id(2).to(tl.int64)
+    rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
+    h = g0 * G + rows
+    q = tl.load(Q + b * sqb + t * sqt + h[:, None] * sqh + col_dim[None, :], mask=diag, other=0.0)
+    do = tl.load(DO + b * sdob + t * sdot + h[:, None] * sdoh + col_dim[None, :], mask=diag, other=0.0)
+    lse = tl.load(LSE + b * slb + t * slt + h, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: every p is 0
+    delta = tl.load(DELTA + b * slb + t * slt + h, mask=row_ok, other=0.0)
+    kv_col = g0 + col_group
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, P * BLOCK_D], tl.float32)
+    for n0 in range(0, KTOP, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
+        ok = idx >= 0
+        kmask = ok[:, None] & col_ok[None, :]
+        kt = tl.load(K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0)
+        vt = tl.load(V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0)
+        s = mma(q, tl.trans(kt), PRECISE, UPCAST)
+        dp = mma(do, tl.trans(vt), PRECISE, UPCAST)
+        p = tl.where(ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = p * (dp - delta[:, None])
+        pc = p.to(vt.dtype)
+        dsc = ds.to(kt.dtype)
+        dv = mma(tl.trans(pc), do, PRECISE, UPCAST)
+        dk = mma(tl.trans(dsc), q, PRECISE, UPCAST)
+        dq += mma(dsc, kt, PRECISE, UPCAST)
+        dst = b * sdkb + idx[:, None] * sdks + kv_col[None, :] * sdkh + col_dim[None, :]
+        tl.atomic_add(DV + dst, dv, mask=kmask, sem="relaxed")
+        tl.atomic_add(DK + dst, dk * scale, mask=kmask, sem="relaxed")
+    tl.store(DQ + b * sdqb + t * sdqt + h[:, None] * sdqh + col_dim[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=diag)
+
+
+def _config(q: torch.Tensor, k: torch.Tensor):
+    hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    groups = hq // hkv
+    p = pack_size(groups, hkv, d)
+    block_d = triton.next_power_of_2(d)
+    block_m = max(16, triton.next_power_of_2(p * groups))
+    block_n = 64 if p * block_d <= 256 else 32
+    if q.dtype == torch.float32:
+        block_n = min(block_n, 32)
+    return groups, p, block_d, block_m, block_n
+
+
+def sparse_attention_fwd(q, k, v, indices, scale):
+    batch, t, hq, d = q.shape
+    hkv = k.shape[2]
+    groups, p, block_d, block_m, block_n = _config(q, k)
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
+    if t == 0:
+        return o, lse
+    grid = (t, hkv // p, batch)
+    _sparse_fwd[grid](
+        q, k, v, indices, o, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        scale, indices.shape[2], d,
+        G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        **dot_flags(q.dtype), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return o, lse
+
+
+def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
+    batch, t, hq, d = q.shape
+    hkv = k.shape[2]
+    groups, p, block_d, block_m, block_n = _config(q, k)
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    if t > 0:
+        grid = (t, hkv // p, batch)
+        _sparse_bwd[grid](
+            q, k, v, indices, do, lse, delta, dq, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
+            do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            scale, indices.shape[2], d,
+            G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+            **dot_flags(q.dtype), num_warps=4, num_stages=1,
+        )  # fmt: skip
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
