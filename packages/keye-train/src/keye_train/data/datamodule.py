@@ -1,0 +1,182 @@
+"""The LightningDataModule for chat JSONL sources: measure once, mix, pack, decode in workers, resume.
+
+At ``setup`` every record is measured once (its token count; records may declare ``num_tokens`` to
+skip this), split across ranks and gathered. Bad and over-long records are excluded there and
+reported each epoch. The sampler then plans packs from the counts alone, so data order depends only on
+the seed, and the module's checkpoint state (epoch, batches consumed) restarts the stream mid-epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from keye_train.data.dataset import ChatSources, Measure, PackCollator, SampleEncoder, Skipped
+from keye_train.data.plan import default_samples_per_epoch
+from keye_train.data.sampler import PackedBatchSampler
+
+
+@dataclass
+class Source:
+    """One JSONL file and its share of the mixture (ratios are relative: 1 and 1 alternate)."""
+
+    path: str
+    ratio: float = 1.0
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class Plan:
+    """What measuring a split found: token counts, usable records, excluded records."""
+
+    sources: ChatSources
+    ratios: list[float]
+    lengths: list[list[int]]
+    valid: list[list[int]]
+    excluded: list[Skipped]
+
+
+def measure(sources: ChatSources, ratios: Sequence[float], num_workers: int) -> Plan:
+    """Token count of every record, this rank's share computed here and the rest gathered."""
+    rank, world = _dist()
+    items = [(s, i) for s, n in enumerate(sources.sizes()) for i in range(n)]
+    mine = items[rank::world]
+    loader = DataLoader(Measure(sources, mine), batch_size=1, num_workers=num_workers, collate_fn=_first)
+    results = list(loader)
+    if world > 1:
+        gathered: list[list | None] = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part or []]
+    lengths = [[-1] * n for n in sources.sizes()]
+    excluded: list[Skipped] = []
+    for (s, i), result in results:
+        if isinstance(result, Skipped):
+            excluded.append(result)
+        else:
+            lengths[s][i] = result
+    valid = [[i for i, n in enumerate(per) if n >= 0] for per in lengths]
+    for records, file in zip(valid, sources.files):
+        if not records:
+            raise ValueError(f"data source {file.path} has no usable record (see the skipped-record list)")
+    return Plan(sources, list(ratios), lengths, valid, sorted(excluded, key=lambda x: x.where))
+
+
+class KeyeDataModule(L.LightningDataModule):
+    """Chat JSONL sources mixed by ratio and packed to ``token_budget`` tokens per pack.
+
+    Each step gives every rank ``packs_per_batch`` packs merged into one packed row (``cu_seqlens``).
+    ``encoder`` turns messages into model inputs; by default a ``KeyeProcessor`` built from
+    ``processor`` (a checkpoint folder with ``tokenizer.json``; the embedded tokenizer when None) and
+    ``processor_options``.
+    """
+
+    def __init__(
+        self,
+        train: list[Source],
+        val: list[Source] | None = None,
+        *,
+        token_budget: int = 4096,
+        packs_per_batch: int = 1,
+        samples_per_epoch: int | None = None,
+        num_workers: int = 2,
+        seed: int = 0,
+        processor: str | None = None,
+        processor_options: dict[str, Any] | None = None,
+        encoder: SampleEncoder | None = None,
+    ):
+        super().__init__()
+        if not train:
+            raise ValueError("train needs at least one source")
+        self.train_sources = [s if isinstance(s, Source) else Source(**s) for s in train]
+        self.val_sources = [s if isinstance(s, Source) else Source(**s) for s in val or []]
+        self.token_budget = token_budget
+        self.packs_per_batch = packs_per_batch
+        self.samples_per_epoch = samples_per_epoch
+        self.num_workers = num_workers
+        self.seed = seed
+        self.processor_path = processor
+        self.processor_options = dict(processor_options or {})
+        self._encoder = encoder
+        self.plans: dict[str, Plan] = {}
+        self.train_sampler: PackedBatchSampler | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def encoder(self) -> SampleEncoder:
+        if self._encoder is None:
+            from keye_train.data.encode import ProcessorEncoder
+
+            self._encoder = ProcessorEncoder.build(self.processor_path, **self.processor_options)
+        return self._encoder
+
+    @property
+    def excluded(self) -> list[Skipped]:
+        plan = self.plans.get("train")
+        return plan.excluded if plan else []
+
+    def _plan(self, split: str, sources: list[Source]) -> Plan:
+        if split not in self.plans:
+            chat = ChatSources([s.path for s in sources], self.encoder, self.token_budget)
+            self.plans[split] = measure(chat, [s.ratio for s in sources], self.num_workers)
+        return self.plans[split]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._plan("train", self.train_sources)
+        if self.val_sources and stage in ("fit", "validate"):
+            self._plan("val", self.val_sources)
+
+    def _sampler(self, plan: Plan, samples_per_epoch: int, **options: Any) -> PackedBatchSampler:
+        rank, world = _dist()
+        return PackedBatchSampler(
+            plan.lengths, plan.valid, options.pop("ratios", plan.ratios), token_budget=self.token_budget,
+            samples_per_epoch=samples_per_epoch, rank=rank, world_size=world, seed=self.seed, **options,
+        )  # fmt: skip
+
+    def _loader(self, plan: Plan, sampler: PackedBatchSampler) -> DataLoader:
+        return DataLoader(
+            plan.sources, batch_sampler=sampler, collate_fn=PackCollator(self.encoder),
+            num_workers=self.num_workers, persistent_workers=False,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        plan = self._plan("train", self.train_sources)
+        samples = self.samples_per_epoch or default_samples_per_epoch(plan.valid, plan.ratios)
+        self.train_sampler = self._sampler(plan, samples, packs_per_batch=self.packs_per_batch)
+        if self._pending_state is not None:
+            self.train_sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return self._loader(plan, self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        plan = self._plan("val", self.val_sources)
+        # every usable record once, in a fixed order: validation never depends on the epoch
+        sizes = [len(v) for v in plan.valid]
+        sampler = self._sampler(plan, sum(sizes), ratios=sizes, follow_epochs=False)
+        return self._loader(plan, sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training stream stands: the epoch and how many of its batches were consumed."""
+        if self.train_sampler is None or self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return self.train_sampler.state_dict(consumed=progress.processed)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict) or None
