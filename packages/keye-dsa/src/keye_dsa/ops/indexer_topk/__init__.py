@@ -1,0 +1,118 @@
+"""``indexer_scores`` and ``select_topk``: validation and dispatch (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from keye_dsa._checks import check_cu_seqlens, check_float, check_rank, check_same
+from keye_dsa._dispatch import impl_for
+from keye_dsa.ops.indexer_topk.reference import (
+    all_visible,
+    indexer_scores_reference,
+    select_topk_reference,
+)
+
+
+def _check_index_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, packed: bool) -> None:
+    lead = "[total_tokens, " if packed else "[batch, seq, "
+    check_rank("q_index", q, 3 if packed else 4, lead + "index_heads, index_dim]")
+    check_rank("k_index", k, 2 if packed else 3, lead.replace("seq", "keys") + "index_dim]")
+    check_rank("weights", w, 2 if packed else 3, lead + "index_heads]")
+    for name, x in (("q_index", q), ("k_index", k), ("weights", w)):
+        check_float(name, x)
+    check_same("k_index.shape[-1] (index_dim)", k.shape[-1], "q_index.shape[-1]", q.shape[-1])
+    check_same("weights.shape", tuple(w.shape), "q_index.shape[:-1]", tuple(q.shape[:-1]))  # type: ignore[arg-type]
+    if not packed:
+        check_same("k_index.shape[0] (batch)", k.shape[0], "q_index.shape[0]", q.shape[0])
+        if k.shape[1] < q.shape[1]:
+            raise ValueError(f"k_index must hold at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+
+
+def indexer_scores(
+    q_index: torch.Tensor, k_index: torch.Tensor, weights: torch.Tensor, *, causal: bool = True
+) -> torch.Tensor:
+    """Dense indexer scores ``[B,T,S]`` (fp32): for short sequences and tests; use ``select_topk`` at scale."""
+    _check_index_inputs(q_index, k_index, weights, packed=False)
+    return indexer_scores_reference(q_index, k_index, weights, causal=causal)
+
+
+def select_topk(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    key_start: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact top-``topk`` keys of the indexer score per query, int32, -1 padded, never a full score matrix.
+
+    Batched: ``q_index [B,T,H,D]``, ``k_index [B,S,D]``, ``weights [B,T,H]`` -> ``[B,T,topk]`` positions in
+    ``k_index`` (queries are its last ``T`` keys; ``key_start [B]`` hides left padding). Packed, with
+    ``cu_seqlens``: ``[N,H,D]``, ``[N,D]``, ``[N,H]`` -> ``[N,topk]`` positions within each sequence.
+    """
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int; got {topk!r}")
+    packed = cu_seqlens is not None
+    _check_index_inputs(q_index, k_index, weights, packed)
+    if packed:
+        check_same("k_index.shape[0]", k_index.shape[0], "q_index.shape[0]", q_index.shape[0])
+        check_cu_seqlens(cu_seqlens, q_index.shape[0])
+        return _select_packed(q_index, k_index, weights, topk, cu_seqlens)
+    if key_start is not None:
+        check_rank("key_start", key_start, 1, "[batch]")
+        check_same("key_start.shape[0]", key_start.shape[0], "batch", q_index.shape[0])
+    batch, t = q_index.shape[:2]
+    s = k_index.shape[1]
+    if s <= topk:  # every query sees at most topk keys: skip scoring, take them all
+        return all_visible(batch, t, s, topk, key_start, q_index.device)
+    if impl_for(q_index, k_index, weights) != "triton" or q_index.dtype == torch.float64:
+        return select_topk_reference(q_index, k_index, weights, topk, key_start=key_start)
+    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
+
+    out = torch.empty(batch, t, topk, dtype=torch.int32, device=q_index.device)
+    starts = [0] * batch if key_start is None else [int(x) for x in key_start.tolist()]
+    rows = chunk_rows(s)
+    q_index, k_index, weights = (x.contiguous() for x in (q_index, k_index, weights))
+    for b in range(batch):
+        for c0 in range(0, t, rows):
+            c1 = min(t, c0 + rows)
+            n = c1 - c0
+            lo = torch.full((n,), starts[b], dtype=torch.int32, device=q_index.device)
+            hi = torch.arange(c0, c1, dtype=torch.int32, device=q_index.device) + (s - t)
+            base = torch.zeros_like(lo)
+            topk_chunk(
+                q_index[b, c0:c1], k_index[b], weights[b, c0:c1], lo, hi, base, out[b, c0:c1], starts[b],
+                c1 + s - t,
+            )
+    return out
+
+
+def _select_packed(q, k, w, topk, cu_seqlens):
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    pos = torch.arange(q.shape[0], device=q.device) - starts  # position within the sequence
+    if longest <= topk:
+        slots = torch.arange(topk, device=q.device)
+        return torch.where(slots[None, :] <= pos[:, None], slots[None, :], -1).to(torch.int32)
+    if impl_for(q, k, w) != "triton" or q.dtype == torch.float64:
+        out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                out[a:b] = select_topk_reference(q[None, a:b], k[None, a:b], w[None, a:b], topk)[0]
+        return out
+    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
+
+    q, k, w = (x.contiguous() for x in (q, k, w))
+    out = torch.empty(q.shape[0], topk, dtype=torch.int32, device=q.device)
+    lo_all = starts.to(torch.int32)
+    hi_all = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
+    rows = chunk_rows(longest)
+    starts_host = starts.tolist()
+    for c0 in range(0, q.shape[0], rows):
+        c1 = min(q.shape[0], c0 + rows)
+        k0 = starts_host[c0]
+        topk_chunk(q[c0:c1], k, w[c0:c1], lo_all[c0:c1], hi_all[c0:c1], lo_all[c0:c1], out[c0:c1], k0, c1)
+    return out

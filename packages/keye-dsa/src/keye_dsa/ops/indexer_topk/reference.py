@@ -1,0 +1,76 @@
+"""Plain PyTorch Lightning-Indexer scores and chunked top-k: the ground truth for the fused kernel.
+
+Score (DESIGN §4): ``I[t, s] = D^-0.5 * sum_j w[t, j] * relu(q[t, j] . k[s])``, ``-inf`` outside the
+keys query ``t`` may see. Query ``t`` of ``T`` sits at absolute position ``t + S - T`` (queries are the
+last ``T`` keys), so a decode step scores its whole cache. ``key_start[b]`` hides left padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUERY_CHUNK = 512
+
+
+def key_bounds(batch: int, q_len: int, k_len: int, key_start: torch.Tensor | None, device) -> tuple:
+    """Inclusive visible key range ``[lo, hi]`` per (batch, query): ``lo [B,1]``, ``hi [1,T]``."""
+    hi = torch.arange(q_len, device=device)[None, :] + (k_len - q_len)
+    lo = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    if key_start is not None:
+        lo = key_start.to(device=device, dtype=torch.long).view(batch, 1)
+    return lo, hi
+
+
+def indexer_scores_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_start: torch.Tensor | None = None,
+    q_offset: int | None = None,
+) -> torch.Tensor:
+    """``q [B,T,H,D]``, ``k [B,S,D]``, ``w [B,T,H]`` -> scores ``[B,T,S]`` (fp32, fp64 for fp64 inputs).
+
+    ``q_offset`` is the absolute position of the first query (default ``S - T``).
+    """
+    compute = torch.promote_types(q.dtype, torch.float32)
+    dots = torch.einsum("bthd,bsd->bths", q.to(compute), k.to(compute)).relu()
+    scores = torch.einsum("bths,bth->bts", dots, w.to(compute)) * q.shape[-1] ** -0.5
+    if causal or key_start is not None:
+        batch, t, s = scores.shape
+        offset = s - t if q_offset is None else q_offset
+        pos = torch.arange(s, device=q.device)
+        hi = torch.arange(t, device=q.device)[:, None] + offset
+        visible = (pos[None, :] <= hi) if causal else torch.ones(t, s, dtype=torch.bool, device=q.device)
+        visible = visible[None].expand(batch, t, s)
+        if key_start is not None:
+            visible = visible & (pos[None, None, :] >= key_start.to(q.device).view(batch, 1, 1))
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores
+
+
+def all_visible(batch: int, q_len: int, k_len: int, topk: int, key_start, device) -> torch.Tensor:
+    """Every visible key, in order, padded with -1: top-k when no query sees more than ``topk`` keys."""
+    lo, hi = key_bounds(batch, q_len, k_len, key_start, device)
+    idx = lo[:, :, None] + torch.arange(topk, device=device)[None, None, :]  # [B,1,K]
+    return torch.where(idx <= hi[:, :, None], idx, -1).expand(batch, q_len, topk).to(torch.int32).contiguous()
+
+
+def select_topk_reference(
+    q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, *, key_start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Top-``topk`` visible keys per query as int32 ``[B,T,topk]`` (-1 pads), ``QUERY_CHUNK`` queries at a time."""
+    batch, t, _, _ = q.shape
+    s = k.shape[1]
+    if s <= topk:
+        return all_visible(batch, t, s, topk, key_start, q.device)
+    out = torch.full((batch, t, topk), -1, dtype=torch.int32, device=q.device)
+    for c0 in range(0, t, QUERY_CHUNK):
+        c1 = min(t, c0 + QUERY_CHUNK)
+        scores = indexer_scores_reference(
+            q[:, c0:c1], k, w[:, c0:c1], key_start=key_start, q_offset=c0 + s - t
+        )
+        values, idx = scores.topk(topk, dim=-1)
+        out[:, c0:c1] = torch.where(torch.isinf(values), -1, idx).to(torch.int32)
+    return out
