@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from keye_train.chat import render_chat
-from keye_train.processor import IGNORE_INDEX, KeyeProcessor, ProcessorConfig, VisionFrame, patchify
+from keye_train.processor import IGNORE_INDEX, KeyeProcessor, VisionFrame
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +79,6 @@ def test_positions_resume_after_vision(processor):
     assert block[0].eq(start).all()
     assert block[1].tolist() == [start + r for r in range(3) for _ in range(5)]
     assert block[2].tolist() == [start + c for _ in range(3) for c in range(5)]
-
-
-def test_patchify_is_row_major_cpp_order():
-    cfg = ProcessorConfig()
-    pixels = torch.randint(0, 256, (3, 56, 84), dtype=torch.uint8)
-    patches = patchify(pixels, cfg)
-    row, col = 1, 4
-    crop = pixels[:, row * 14 : (row + 1) * 14, col * 14 : (col + 1) * 14].float() / 255 * 2 - 1
-    assert torch.allclose(patches[row * 6 + col], crop.reshape(-1))
-    with pytest.raises(ValueError, match="multiples of 28"):
-        patchify(torch.zeros(3, 30, 28, dtype=torch.uint8), cfg)
 
 
 def test_padding_and_packing_agree(processor):

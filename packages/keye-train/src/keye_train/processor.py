@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,41 +57,21 @@ class EncodedChat:
 
 @dataclass
 class ProcessorConfig:
-    """Image/video budgets and normalisation (Keye-VL-1.5 defaults; SigLIP mean/std of 0.5)."""
+    """Image/video budgets; ``None`` keeps keye-vision's Keye-VL-1.5 defaults."""
 
     patch_size: int = 14
     merge_size: int = 2
-    image_min_pixels: int = 4 * 28 * 28
-    image_max_pixels: int = 16384 * 28 * 28
+    image_min_pixels: int | None = None
+    image_max_pixels: int | None = None
     video_fps: float = 2.0
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
     video_total_pixels: int | None = None
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    video_options: dict[str, Any] = field(default_factory=dict)  # passed on to keye_vision.load_video
+    video_max_frames: int | None = None
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
-
-
-def patchify(pixels: torch.Tensor, config: ProcessorConfig) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` -> normalised patches ``[(H / P) * (W / P), 3 * P * P]``, row-major."""
-    if pixels.dim() != 3 or pixels.shape[0] != 3:
-        raise ValueError(f"a vision frame must be a [3, H, W] tensor; got shape {tuple(pixels.shape)}")
-    _, height, width = pixels.shape
-    if height % config.factor or width % config.factor:
-        raise ValueError(
-            f"a vision frame must be resized to multiples of {config.factor} (smart_resize); "
-            f"got {height}x{width}"
-        )
-    p = config.patch_size
-    mean = torch.tensor(config.image_mean).view(3, 1, 1)
-    std = torch.tensor(config.image_std).view(3, 1, 1)
-    x = (pixels.float() / 255.0 - mean) / std
-    x = x.view(3, height // p, p, width // p, p).permute(1, 3, 0, 2, 4)
-    return x.reshape((height // p) * (width // p), 3 * p * p)
 
 
 class KeyeProcessor:
@@ -116,9 +96,6 @@ class KeyeProcessor:
         if (path / PROCESSOR_CONFIG).is_file():
             raw = json.loads((path / PROCESSOR_CONFIG).read_text())
             known = {k: v for k, v in raw.items() if k in ProcessorConfig.__dataclass_fields__}
-            for key in ("image_mean", "image_std"):
-                if key in known:
-                    known[key] = tuple(known[key])
             config = ProcessorConfig(**known)
         return cls(tokenizer, config)
 
@@ -145,20 +122,18 @@ class KeyeProcessor:
         cfg = self.config
         if part["type"] == "image":
             options = {k: part[k] for k in ("resized_height", "resized_width") if k in part}
-            image = keye_vision.load_image(
-                part["image"],
-                min_pixels=part.get("min_pixels", cfg.image_min_pixels),
-                max_pixels=part.get("max_pixels", cfg.image_max_pixels),
-                **options,
-            )
-            return [VisionFrame(image)]
+            for key in ("min_pixels", "max_pixels"):
+                value = part.get(key, getattr(cfg, f"image_{key}"))
+                if value is not None:
+                    options[key] = value
+            return [VisionFrame(keye_vision.load_image(part["image"], **options))]
         source = part["video"]
         if isinstance(source, (list, tuple)):
             frames, timestamps = list(source), part.get("timestamps")
             types = part.get("frame_types") or ["slow"] * len(frames)
         else:
-            options = dict(cfg.video_options)
-            for key in ("min_pixels", "max_pixels", "total_pixels"):
+            options = {}
+            for key in ("min_pixels", "max_pixels", "total_pixels", "max_frames"):
                 value = part.get(key, getattr(cfg, f"video_{key}"))
                 if value is not None:
                     options[key] = value
@@ -264,15 +239,15 @@ class KeyeProcessor:
             (f.pixels.shape[1] // self.config.factor, f.pixels.shape[2] // self.config.factor) for f in frames
         ]
         positions, delta = rope_index(input_ids, merged, (self.image_token_id, self.video_token_id))
-        p = self.config.patch_size
-        pixel_values = (
-            torch.cat([patchify(f.pixels, self.config) for f in frames])
-            if frames
-            else torch.zeros(0, 3 * p * p)
-        )
-        grid_thw = torch.tensor(
-            [(1, f.pixels.shape[1] // p, f.pixels.shape[2] // p) for f in frames], dtype=torch.long
-        ).reshape(-1, 3)
+        if frames:
+            from keye_vision import to_patches
+
+            pixel_values, grid_thw = to_patches(
+                [f.pixels for f in frames], self.config.patch_size, self.config.merge_size
+            )
+        else:
+            pixel_values = torch.zeros(0, 3 * self.config.patch_size**2)
+            grid_thw = torch.zeros(0, 3, dtype=torch.long)
         return EncodedChat(
             input_ids=input_ids,
             labels=torch.tensor(labels_out, dtype=torch.long),
