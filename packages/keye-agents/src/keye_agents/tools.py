@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import time
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -24,13 +25,26 @@ class ToolError(Exception):
     """Raised by a tool (or on its behalf) with a message meant for the model to read."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class ToolContext:
-    """What a tool factory may need: the agent's workspace and the user's options for tools."""
+    """What a tool factory may need: the agent's workspace, the user's options for tools, the search
+    backends, the run's deadline (``time.monotonic()`` seconds) and a place to register cleanup."""
 
     workspace: Path
     options: Mapping[str, Any] = field(default_factory=dict)
     search_backends: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    deadline: float | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def remaining_s(self, cap: float) -> float:
+        """Seconds a tool may still spend: ``cap``, cut to what is left of the run's time budget."""
+        if self.deadline is None:
+            return cap
+        return max(min(cap, self.deadline - time.monotonic()), 0.1)
+
+    def close(self) -> None:
+        while self.closers:
+            self.closers.pop()()
 
 
 @dataclass(frozen=True)
