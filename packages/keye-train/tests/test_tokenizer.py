@@ -10,6 +10,7 @@ from keye_train.tokenizer import (
     REQUIRED_TOKENS,
     SPECIAL_TOKENS,
     KeyeTokenizer,
+    default_special_id,
     default_tokenizer,
     default_tokenizer_path,
     train_default_tokenizer,
@@ -23,6 +24,7 @@ def test_training_is_deterministic_and_sized():
     # specials sit after the BPE vocabulary, in the released Qwen3 order
     base = DEFAULT_VOCAB_SIZE - len(SPECIAL_TOKENS)
     assert [first.token_to_id(t) for t, _ in SPECIAL_TOKENS] == list(range(base, DEFAULT_VOCAB_SIZE))
+    assert all(first.token_to_id(t) == default_special_id(t) for t, _ in SPECIAL_TOKENS)
 
 
 def test_cache_round_trip(tmp_path, monkeypatch):

@@ -83,6 +83,14 @@ DEFAULT_VOCAB_SIZE = 2048  # the embedded tokenizer's size, specials included (t
 DEFAULT_TOKENIZER_VERSION = 1  # bump when the recipe changes, so stale caches are never reused
 
 
+def default_special_id(token: str) -> int:
+    """A special token's id in the embedded tokenizer (specials follow the BPE ids, in order)."""
+    names = [t for t, _ in SPECIAL_TOKENS]
+    if token not in names:
+        raise KeyError(f"{token!r} is not one of Keye's special tokens")
+    return DEFAULT_VOCAB_SIZE - len(SPECIAL_TOKENS) + names.index(token)
+
+
 def cache_dir() -> Path:
     """Where built artefacts live: ``$KEYE_CACHE`` or ``~/.cache/keye``."""
     return Path(os.environ.get("KEYE_CACHE", Path.home() / ".cache" / "keye"))
