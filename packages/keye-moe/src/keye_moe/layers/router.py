@@ -1,0 +1,104 @@
+"""The Qwen3-MoE router, the Switch load-balancing statistics and the aux-loss-free expert bias.
+
+Routing is exactly transformers' ``Qwen3MoeTopKRouter``: logits in the model dtype, softmax in fp32,
+top-k, renormalize when ``norm_topk_prob``, weights cast back to the logits' dtype. With
+``expert_bias`` on (DeepSeek-V3's aux-loss-free balancing), a per-expert bias is added to the
+probabilities for *selection only*; the weights still come from the unbiased probabilities. The bias is
+a persistent buffer (``mlp.gate.e_score_correction_bias``) updated outside autograd by
+``update_bias``, from the token counts the router accumulates while training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterStats:
+    """Per-layer sums that the Switch loss needs; summed over layers before the loss is formed."""
+
+    tokens_per_expert: torch.Tensor  # [E] fp32: top-k assignments (weighted by the token mask)
+    prob_per_expert: torch.Tensor  # [E] fp32: summed router probabilities
+    rows: torch.Tensor  # scalar fp32: number of (real) tokens
+
+
+class Router(nn.Module):
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool, expert_bias: bool
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        if expert_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+            self.register_buffer("expert_load", torch.zeros(num_experts), persistent=False)
+        else:
+            self.e_score_correction_bias = None
+            self.expert_load = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Keep the balancing state in fp32 whatever dtype the model is cast to (small updates)."""
+        super()._apply(fn, recurse)
+        for name in ("e_score_correction_bias", "expert_load"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32 and not buf.is_meta:
+                setattr(self, name, buf.float())
+        return self
+
+    def forward(
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """hidden ``[N, H]`` -> (topk_ids ``[N, K]``, topk_weights ``[N, K]``, stats)."""
+        logits = F.linear(hidden, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        if self.e_score_correction_bias is None:
+            top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            _, top_ids = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1)
+            top_w = probs.gather(-1, top_ids)
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(logits.dtype)
+        stats = self._stats(probs, top_ids, token_mask)
+        if self.expert_load is not None and self.training:
+            self.expert_load += stats.tokens_per_expert.detach()
+        return top_ids, top_w, stats
+
+    def _stats(self, probs: torch.Tensor, top_ids: torch.Tensor, mask: torch.Tensor | None) -> RouterStats:
+        e = self.num_experts
+        if mask is None:
+            ones = torch.ones(top_ids.numel(), dtype=torch.float, device=probs.device)
+            counts = torch.zeros(e, dtype=torch.float, device=probs.device).index_add_(
+                0, top_ids.reshape(-1), ones
+            )
+            return RouterStats(counts, probs.sum(0), torch.tensor(float(probs.shape[0]), device=probs.device))
+        m = mask.reshape(-1).float()
+        counts = torch.zeros(e, dtype=torch.float, device=probs.device).index_add_(
+            0, top_ids.reshape(-1), m.repeat_interleave(self.top_k)
+        )
+        return RouterStats(counts, (probs * m[:, None]).sum(0), m.sum())
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """Aux-loss-free step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if self.e_score_correction_bias is None or self.expert_load is None:
+            raise RuntimeError("update_bias needs DecoderConfig.expert_bias=True")
+        load = self.expert_load
+        if load.sum() > 0:
+            self.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+def switch_aux_loss(stats: list[RouterStats], num_experts: int) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func``: E * sum_e f_e * P_e with f and P averaged over all
+    layers' rows together (not a mean of per-layer losses)."""
+    tokens = torch.stack([s.tokens_per_expert for s in stats]).sum(0)
+    probs = torch.stack([s.prob_per_expert for s in stats]).sum(0)
+    rows = torch.stack([s.rows for s in stats]).sum()
+    return (tokens / rows * (probs / rows)).sum() * num_experts
