@@ -41,6 +41,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32; got {cu_seqlens.dtype}")
     if cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at the token count {total}; got {cu_seqlens.tolist()}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at the token count {total}; got {cu_seqlens.tolist()}"
+        )
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")

@@ -25,7 +25,9 @@ def _check_index_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, packe
     if not packed:
         check_same("k_index.shape[0] (batch)", k.shape[0], "q_index.shape[0]", q.shape[0])
         if k.shape[1] < q.shape[1]:
-            raise ValueError(f"k_index must hold at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})")
+            raise ValueError(
+                f"k_index must hold at least as many keys ({k.shape[1]}) as queries ({q.shape[1]})"
+            )
 
 
 def indexer_scores(
@@ -82,7 +84,14 @@ def select_topk(
             hi = torch.arange(c0, c1, dtype=torch.int32, device=q_index.device) + (s - t)
             base = torch.zeros_like(lo)
             topk_chunk(
-                q_index[b, c0:c1], k_index[b], weights[b, c0:c1], lo, hi, base, out[b, c0:c1], starts[b],
+                q_index[b, c0:c1],
+                k_index[b],
+                weights[b, c0:c1],
+                lo,
+                hi,
+                base,
+                out[b, c0:c1],
+                starts[b],
                 c1 + s - t,
             )
     return out

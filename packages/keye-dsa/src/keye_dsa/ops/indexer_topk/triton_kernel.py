@@ -51,15 +51,25 @@ def _index_scores(
     acc = tl.zeros([BLOCK_T * BLOCK_H, BLOCK_S], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(Q + rt[:, None].to(tl.int64) * sqt + rh[:, None] * sqh + d[None, :], mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
-        k = tl.load(K + s_abs[None, :] * sks + d[:, None], mask=(s_loc[None, :] < width) & (d[:, None] < D), other=0.0)
+        q = tl.load(
+            Q + rt[:, None].to(tl.int64) * sqt + rh[:, None] * sqh + d[None, :],
+            mask=r_ok[:, None] & (d[None, :] < D),
+            other=0.0,
+        )
+        k = tl.load(
+            K + s_abs[None, :] * sks + d[:, None], mask=(s_loc[None, :] < width) & (d[:, None] < D), other=0.0
+        )
         acc += mma(q, k, PRECISE, UPCAST)
     w = tl.load(W + rt.to(tl.int64) * swt + rh, mask=r_ok, other=0.0).to(tl.float32)
     gated = tl.maximum(acc, 0.0) * w[:, None]
     score = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1) * scale
     visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
     score = tl.where(visible, score, float("-inf"))
-    tl.store(S + t[:, None].to(tl.int64) * sst + s_loc[None, :], score, mask=t_ok[:, None] & (s_loc[None, :] < width))
+    tl.store(
+        S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
+        score,
+        mask=t_ok[:, None] & (s_loc[None, :] < width),
+    )
 
 
 @triton.jit

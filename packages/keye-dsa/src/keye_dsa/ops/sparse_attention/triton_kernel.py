@@ -63,7 +63,7 @@ def _sparse_fwd(
     rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
     h = g0 * G + rows
     q = tl.load(Q + b * sqb + t * sqt + h[:, None] * sqh + col_dim[None, :], mask=diag, other=0.0)
-    kv_col = (g0 + col_group)
+    kv_col = g0 + col_group
     qk_scale = scale * 1.4426950408889634
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -73,8 +73,12 @@ def _sparse_fwd(
         idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
         ok = idx >= 0
         kmask = ok[:, None] & col_ok[None, :]
-        kt = tl.load(K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0)
-        vt = tl.load(V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0)
+        kt = tl.load(
+            K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0
+        )
+        vt = tl.load(
+            V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0
+        )
         s = mma(q, tl.trans(kt), PRECISE, UPCAST)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -85,7 +89,9 @@ def _sparse_fwd(
         m = m_new
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]
-    tl.store(O + b * sob + t * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag)
+    tl.store(
+        O + b * sob + t * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag
+    )
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
     tl.store(LSE + b * slb + t * slt + h, lse, mask=row_ok)
 
@@ -117,8 +123,12 @@ def _sparse_bwd(
         idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
         ok = idx >= 0
         kmask = ok[:, None] & col_ok[None, :]
-        kt = tl.load(K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0)
-        vt = tl.load(V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0)
+        kt = tl.load(
+            K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0
+        )
+        vt = tl.load(
+            V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0
+        )
         s = mma(q, tl.trans(kt), PRECISE, UPCAST)
         dp = mma(do, tl.trans(vt), PRECISE, UPCAST)
         p = tl.where(ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
@@ -131,7 +141,11 @@ def _sparse_bwd(
         dst = b * sdkb + idx[:, None] * sdks + kv_col[None, :] * sdkh + col_dim[None, :]
         tl.atomic_add(DV + dst, dv, mask=kmask, sem="relaxed")
         tl.atomic_add(DK + dst, dk * scale, mask=kmask, sem="relaxed")
-    tl.store(DQ + b * sdqb + t * sdqt + h[:, None] * sdqh + col_dim[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=diag)
+    tl.store(
+        DQ + b * sdqb + t * sdqt + h[:, None] * sdqh + col_dim[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=diag,
+    )
 
 
 def _config(q: torch.Tensor, k: torch.Tensor):

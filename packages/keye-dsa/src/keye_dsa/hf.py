@@ -1,0 +1,141 @@
+"""``patch_model`` / ``unpatch_model``: DSA for Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE models.
+
+The patch mounts a ``LightningIndexer`` at ``self_attn.sa_indexer`` of every attention layer (the
+released Keye name, so checkpoints with indexer weights load into a patched model), records each
+layer's input with a forward pre-hook, and routes attention through a ``keye_dsa`` entry of
+transformers' ``AttentionInterface`` (with SDPA's mask builder, so padding masks arrive as bool).
+Needs the ``hf`` extra (transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from keye_dsa.modules.core import dsa_forward
+from keye_dsa.modules.indexer import LightningIndexer
+
+IMPL = "keye_dsa"
+_STATE = "_keye_dsa_state"  # per attention module: hook handle, captured inputs, index cache, aux dict
+
+
+def _attention_layers(model: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in model.modules()
+        if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
+        and not isinstance(m, LightningIndexer)
+    ]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPL, _hf_dsa_attention)
+    AttentionMaskInterface.register(IMPL, sdpa_mask)
+
+
+def _capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    state = getattr(module, _STATE)
+    state["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+    state["position_embeddings"] = args[1] if len(args) > 1 else kwargs.get("position_embeddings")
+    state["caching"] = any(kwargs.get(n) is not None for n in ("cache", "past_key_values", "past_key_value"))
+
+
+def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """HF's mask (bool or additive, ``[B,1,Tq,Tk]`` or ``[B,Tk]``) -> keys the newest query may see."""
+    if mask is None:
+        return None
+    if mask.dim() == 4:
+        mask = mask[:, 0, -1, :]
+    mask = mask if mask.dtype == torch.bool else mask == 0
+    return None if bool(mask.all()) else mask
+
+
+def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function: ``query [B,Hq,T,D]``, ``key/value [B,Hkv,S,D]`` -> ``[B,T,Hq,D]``."""
+    if dropout:
+        raise ValueError("DSA attention has no attention dropout; set attention_dropout=0")
+    state = getattr(module, _STATE)
+    indexer: LightningIndexer = module.sa_indexer
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    tq, tk = q.shape[1], k.shape[1]
+    index_cache = None
+    if state.get("caching"):
+        if tk == tq:
+            state["index_cache"] = {}
+        index_cache = state.get("index_cache")
+    rope = state.get("position_embeddings")
+    position_ids = kwargs.get("position_ids")
+    if rope is not None and rope[0].shape[-1] != indexer.head_dim:
+        rope = None
+    if rope is None and position_ids is None:
+        position_ids = torch.arange(tk - tq, tk, device=q.device).expand(q.shape[0], tq)
+    out = dsa_forward(
+        q, k, v, indexer, state["hidden_states"], scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+        position_ids=position_ids, rope=rope, index_cache=index_cache,
+        key_padding_mask=_key_padding(attention_mask), aux_losses=state["aux_losses"],
+    )  # fmt: skip
+    state["hidden_states"] = state["position_embeddings"] = None
+    return out, None
+
+
+def patch_model(
+    model: nn.Module,
+    topk: int = 2048,
+    num_heads: int = 4,
+    head_dim: int = 128,
+    *,
+    hadamard: bool = False,
+    mode: str = "sparse",
+) -> nn.Module:
+    """Turn a Hugging Face GQA model into a DSA model in place and return it.
+
+    Adds ``sa_indexer`` to every attention layer (fresh weights, same device and dtype as the layer) and
+    switches attention to DSA. Indexer KL losses of a training forward collect in
+    ``model.keye_dsa_aux_losses["indexer_kl"]`` (read and clear it each step; see ``set_dsa_mode``).
+    """
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError(f"patch_model found no Llama/Qwen-style attention layers in {type(model).__name__}")
+    if hasattr(layers[0], _STATE):
+        raise ValueError("patch_model: this model is already patched")
+    config = model.config
+    _register()
+    aux: dict = {}
+    for attn in layers:
+        rope_params = getattr(config, "rope_parameters", None) or {}
+        theta = rope_params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        weight = attn.q_proj.weight
+        attn.sa_indexer = LightningIndexer(
+            config.hidden_size, num_heads, head_dim, topk, rope_theta=theta,
+            eps=getattr(config, "rms_norm_eps", 1e-6), hadamard=hadamard, mode=mode,
+        ).to(device=weight.device, dtype=weight.dtype)  # fmt: skip
+        handle = attn.register_forward_pre_hook(_capture, with_kwargs=True)
+        setattr(attn, _STATE, {"handle": handle, "aux_losses": aux})
+    model.keye_dsa_aux_losses = aux
+    model._keye_dsa_previous_impl = config._attn_implementation
+    _set_impl(model, IMPL)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo ``patch_model``: drop the indexers and hooks and restore the previous attention implementation."""
+    layers = [m for m in _attention_layers(model) if hasattr(m, _STATE)]
+    if not layers:
+        raise ValueError("unpatch_model: this model is not patched")
+    for attn in layers:
+        getattr(attn, _STATE)["handle"].remove()
+        delattr(attn, _STATE)
+        del attn.sa_indexer
+    _set_impl(model, model._keye_dsa_previous_impl)
+    del model._keye_dsa_previous_impl, model.keye_dsa_aux_losses
+    return model
+
+
+def _set_impl(model: nn.Module, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl

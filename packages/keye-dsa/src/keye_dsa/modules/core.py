@@ -1,0 +1,133 @@
+"""The DSA attention step shared by ``DSAttention``, the keye-moe backend and the Hugging Face patch.
+
+Given the decoder's post-RoPE q/k/v and the layer's normed hidden states, it runs the indexer, extends
+the index-key cache, picks each query's top-k keys, attends sparsely, and adds the indexer's KL loss
+when training. The indexer's ``mode`` picks the stage (see ``LightningIndexer``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from keye_dsa.modules.indexer import LightningIndexer
+from keye_dsa.ops.indexer_kl import indexer_kl_loss
+from keye_dsa.ops.sparse_attention import sparse_attention, sparse_attention_varlen
+
+
+def left_padding_starts(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``key_padding_mask`` (bool ``[B,Tk]``, False = padding) -> first real key per row, or None.
+
+    DSA's kernels take padding as a per-row start, so only left padding is accepted.
+    """
+    if key_padding_mask is None:
+        return None
+    mask = key_padding_mask.to(torch.bool)
+    starts = (~mask).sum(1)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] >= starts[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError(
+            "DSA supports left padding only: key_padding_mask rows must be False...False True...True"
+        )
+    return starts.to(torch.int32)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    key_start: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention on ``[B,T,H,D]`` (queries are the last ``Tq`` keys), via SDPA."""
+    if cu_seqlens is not None:
+        out = torch.empty_like(q)
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                out[:, a:b] = dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale)
+        return out
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    tq, tk = q.shape[1], k.shape[1]
+    if key_start is None and tq == tk:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        pos = torch.arange(tk, device=q.device)
+        mask = pos[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        mask = mask[None, None]
+        if key_start is not None:
+            mask = mask & (pos >= key_start.to(q.device)[:, None])[:, None, None, :]
+            mask = mask | ~mask.any(-1, keepdim=True)  # padding queries see everything; never used
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def dsa_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indexer: LightningIndexer,
+    hidden_states: torch.Tensor,
+    *,
+    scale: float,
+    position_ids: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    index_cache: dict | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    aux_losses: dict | None = None,
+) -> torch.Tensor:
+    """DSA attention output ``[B,Tq,Hq,D]``; ``index_cache`` (a dict) keeps the index keys for decoding."""
+    key_start = left_padding_starts(key_padding_mask)
+    if indexer.mode == "off":
+        return dense_attention(q, k, v, scale, key_start, cu_seqlens)
+    # The indexer learns only from its KL: its input is detached so the LM loss never reaches it.
+    q_index, k_index, weights = indexer(hidden_states.detach(), position_ids, rope)
+    if index_cache is not None:
+        prev = index_cache.get("k_index")
+        k_all = k_index if prev is None else torch.cat([prev, k_index], 1)
+        index_cache["k_index"] = k_all.detach()
+    else:
+        k_all = k_index
+    if k_all.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"the index-key cache holds {k_all.shape[1]} keys but k holds {k.shape[1]}: "
+            "the DSA cache and the decoder's KV cache are out of step"
+        )
+    want_kl = aux_losses is not None and indexer.training and torch.is_grad_enabled()
+    if indexer.mode == "dense_warmup":
+        out = dense_attention(q, k, v, scale, key_start, cu_seqlens)
+        if want_kl:
+            _add_kl(aux_losses, q, k, q_index, k_all, weights, None, scale, key_start, cu_seqlens)
+        return out
+    indices = indexer.select(q_index, k_all, weights, key_start=key_start, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:
+        out = sparse_attention_varlen(q[0], k[0], v[0], indices[0], cu_seqlens, scale=scale)[None]
+    else:
+        out = sparse_attention(q, k, v, indices, scale=scale, validate_indices=False)
+    if want_kl:
+        _add_kl(aux_losses, q, k, q_index, k_all, weights, indices, scale, key_start, cu_seqlens)
+    return out
+
+
+def _add_kl(aux_losses, q, k, q_index, k_index, weights, indices, scale, key_start, cu_seqlens):
+    """Adds this layer's mean-per-query KL to ``aux_losses["indexer_kl"]`` (summed over layers)."""
+    if cu_seqlens is not None:
+        loss = indexer_kl_loss(
+            q[0], k[0], q_index[0], k_index[0], weights[0],
+            indices=None if indices is None else indices[0], scale=scale, cu_seqlens=cu_seqlens, reduction="mean",
+        )  # fmt: skip
+    else:
+        loss = indexer_kl_loss(
+            q,
+            k,
+            q_index,
+            k_index,
+            weights,
+            indices=indices,
+            scale=scale,
+            key_start=key_start,
+            reduction="mean",
+        )
+    aux_losses["indexer_kl"] = aux_losses["indexer_kl"] + loss if "indexer_kl" in aux_losses else loss

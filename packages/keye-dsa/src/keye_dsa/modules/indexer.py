@@ -1,0 +1,150 @@
+"""``LightningIndexer``: the per-layer scorer that picks each query's top-k keys (DESIGN §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keye_dsa.hadamard import hadamard_rotate
+from keye_dsa.ops.indexer_topk import select_topk
+from keye_dsa.rope import apply_rope, rope_cos_sin, scale_sections
+
+MODES = ("off", "dense_warmup", "sparse")
+
+
+class LightningIndexer(nn.Module):
+    """MQA-style indexer with the released Keye names ``q_proj``, ``k_proj``, ``q_norm``, ``k_norm``.
+
+    ``q_proj: hidden -> H*D + H`` yields ``H`` index queries and their gates; ``k_proj: hidden -> D``
+    yields one index key per token. ``q_norm`` (RMSNorm per head) and ``k_norm`` (LayerNorm with bias)
+    run in fp32, then RoPE (M-RoPE for 3-D positions, sections scaled by ``D / decoder_head_dim``) and an
+    optional Hadamard rotation.
+
+    ``mode`` picks the training stage for the attention that owns this indexer: ``"sparse"`` (default:
+    top-k sparse attention, plus the sparse KL when training), ``"dense_warmup"`` (dense attention
+    output, dense KL target) or ``"off"`` (plain dense attention, indexer unused).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int = 4,
+        head_dim: int = 128,
+        topk: int = 2048,
+        *,
+        rope_theta: float = 1_000_000.0,
+        mrope_section: list[int] | None = None,
+        decoder_head_dim: int | None = None,
+        eps: float = 1e-6,
+        hadamard: bool = False,
+        mode: str = "sparse",
+    ):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"indexer head_dim must be even (RoPE); got {head_dim}")
+        self.hidden_size, self.num_heads, self.head_dim, self.topk = hidden_size, num_heads, head_dim, topk
+        self.rope_theta = rope_theta
+        self.sections = (
+            None
+            if mrope_section is None
+            else scale_sections(list(mrope_section), head_dim, decoder_head_dim or 2 * sum(mrope_section))
+        )
+        self.hadamard = hadamard
+        self.mode = mode
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim + num_heads, bias=False)
+        self.k_proj = nn.Linear(hidden_size, head_dim, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps)
+        self.k_norm = nn.LayerNorm(head_dim, eps=eps)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"indexer mode must be one of {MODES}; got {value!r}")
+        self._mode = value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden [B,T,hidden]`` -> ``(q_index [B,T,H,D], k_index [B,T,D], weights [B,T,H] fp32)``.
+
+        Rotary angles come from ``position_ids`` (``[B,T]`` or ``[3,B,T]``), or ready-made ``rope``
+        ``(cos, sin)`` of width ``D`` (e.g. the decoder's own, when its head_dim equals ``D``).
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [batch, seq, {self.hidden_size}]; got {tuple(hidden_states.shape)}"
+            )
+        batch, t, _ = hidden_states.shape
+        h, d = self.num_heads, self.head_dim
+        q_all = self.q_proj(hidden_states)
+        q = q_all[..., : h * d].view(batch, t, h, d)
+        weights = q_all[..., h * d :].float()
+        k = self.k_proj(hidden_states)
+        q = F.rms_norm(q.float(), (d,), self.q_norm.weight.float(), self.q_norm.eps)
+        k = F.layer_norm(
+            k.float(), (d,), self.k_norm.weight.float(), self.k_norm.bias.float(), self.k_norm.eps
+        )
+        if rope is None:
+            if position_ids is None:
+                position_ids = torch.arange(t, device=hidden_states.device).expand(batch, t)
+            rope = rope_cos_sin(position_ids, d, self.rope_theta, self.sections)
+        cos, sin = (x.float() for x in rope)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.hadamard:
+            q, k = hadamard_rotate(q), hadamard_rotate(k)
+        dtype = hidden_states.dtype
+        return q.to(dtype), k.to(dtype), weights
+
+    def select(
+        self,
+        q_index: torch.Tensor,
+        k_index: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        key_start: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Top-k key indices (int32, -1 padded); scoring is skipped when no query sees more than top-k keys."""
+        with torch.no_grad():
+            if cu_seqlens is not None:
+                return select_topk(q_index[0], k_index[0], weights[0], self.topk, cu_seqlens=cu_seqlens)[None]
+            return select_topk(q_index, k_index, weights, self.topk, key_start=key_start)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, topk={self.topk}, mode={self.mode!r}"
+
+
+def set_dsa_mode(model: nn.Module, mode: str, *, freeze_decoder: bool | None = None) -> int:
+    """Put every ``LightningIndexer`` in ``model`` into ``mode``; returns how many were set.
+
+    ``"dense_warmup"``: dense attention output, indexer trained on the dense KL; by default every
+    parameter outside the indexers is frozen (the decoder must not move). ``"sparse"``: top-k sparse
+    attention, indexer trained on the sparse KL while the decoder trains on the LM loss (pass
+    ``freeze_decoder=False`` to unfreeze it after a warm-up). ``"off"``: plain dense attention.
+    ``freeze_decoder`` True/False sets ``requires_grad`` of all non-indexer parameters explicitly.
+    """
+    indexers = [m for m in model.modules() if isinstance(m, LightningIndexer)]
+    if not indexers:
+        raise ValueError(
+            "set_dsa_mode: the model has no LightningIndexer (patch it with keye_dsa.patch_model)"
+        )
+    for indexer in indexers:
+        indexer.mode = mode
+    if freeze_decoder is None and mode == "dense_warmup":
+        freeze_decoder = True
+    if freeze_decoder is not None:
+        owned = {id(p) for m in indexers for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in owned:
+                p.requires_grad_(not freeze_decoder)
+    for indexer in indexers:
+        indexer.requires_grad_(mode != "off")
+    return len(indexers)
