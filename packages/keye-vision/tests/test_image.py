@@ -45,8 +45,9 @@ def test_load_image_from_every_source_agrees(image_file):
     data = image_file.read_bytes()
     pil = Image.open(image_file)
     arr = np.array(pil.convert("RGB"))
-    sources = [str(image_file), f"file://{image_file}", data, pil, arr, torch.from_numpy(arr).permute(2, 0, 1),
-               "data:image/png;base64," + base64.b64encode(data).decode()]  # fmt: skip
+    chw = torch.from_numpy(arr).permute(2, 0, 1)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    sources = [str(image_file), f"file://{image_file}", data, pil, arr, chw, url]
     for source in sources:
         assert torch.equal(load_image(source), want), type(source)
 

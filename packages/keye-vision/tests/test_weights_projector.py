@@ -92,8 +92,8 @@ def test_projector_merges_2x2_neighbours_of_the_row_major_grid():
     got = proj(feats, grid)
     # by hand: item 0 is a 4 x 6 grid; merged token (i, j) takes rows 2i..2i+1, cols 2j..2j+1
     img = feats[:24].reshape(4, 6, 8)
-    manual = [torch.cat([img[2 * i, 2 * j], img[2 * i, 2 * j + 1], img[2 * i + 1, 2 * j], img[2 * i + 1, 2 * j + 1]])
-              for i in range(2) for j in range(3)]  # fmt: skip
+    manual = [torch.cat([img[r, c], img[r, c + 1], img[r + 1, c], img[r + 1, c + 1]])
+              for r in range(0, 4, 2) for c in range(0, 6, 2)]  # fmt: skip
     manual += [feats[24 + 4 * f : 28 + 4 * f].reshape(-1) for f in range(2)]  # 2x2 frames: one token each
     x = torch.stack(manual)
     want = proj.linear_2(
@@ -118,7 +118,7 @@ def test_plugin_registers_keye_vit():
     factories = plugin.keye_vision_encoders()
     model = factories["keye-vit"](VisionConfig.preset("tiny"))
     assert isinstance(model, KeyeViT)
-    assert factories["keye-vit"]({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "image_size": 28}).config.hidden_size == 32  # fmt: skip
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    assert factories["keye-vit"]({**small, "image_size": 28}).config.hidden_size == 32
     with pytest.raises(TypeError, match="keye-vit needs a VisionConfig"):
         factories["keye-vit"](3)

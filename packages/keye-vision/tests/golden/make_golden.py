@@ -4,7 +4,7 @@ Not part of the test run (it needs the reference and OpenCV). How the JSON was m
     pip download --no-deps keye-vl-utils==1.5.2; unzip it to $SRC
     python -m venv $VENV; $VENV/bin/pip install opencv-python-headless einops requests
     (torch from the Keye venv through a .pth file)
-    PYTHONPATH=$SRC:tools:packages/keye-vision/tests $VENV/bin/python packages/keye-vision/tests/golden/make_golden.py
+    cd packages/keye-vision/tests && PYTHONPATH=$SRC:.:../../../tools $VENV/bin/python golden/make_golden.py
 The reference's own functions run unchanged; only its decoders are replaced: ``decord.VideoReader``
 by a reader serving ``media.frame`` (the same synthetic frames the tests build), and ``torchvision``
 (imported but unused on these paths) by an empty module.
@@ -61,15 +61,16 @@ from keye_vl_utils import vision_process as ref  # noqa: E402
 
 SMART_RESIZE = [
     (h, w, mn, mx)
-    for h, w in [(28, 28), (1, 100), (10, 10), (217, 333), (451, 97), (1080, 1920), (1920, 1080), (4000, 3000),
-                 (7000, 9000), (50, 9000), (28, 5600), (333, 333), (14, 2800), (720, 1280), (145, 193)]
+    for h, w in [(28, 28), (1, 100), (10, 10), (217, 333), (451, 97), (1080, 1920), (1920, 1080),
+                 (4000, 3000), (7000, 9000), (50, 9000), (28, 5600), (333, 333), (14, 2800), (720, 1280),
+                 (145, 193)]
     for mn, mx in [(ref.MIN_PIXELS, ref.MAX_PIXELS), (ref.VIDEO_MIN_PIXELS, ref.VIDEO_MAX_PIXELS),
                    (ref.VIDEO_MIN_PIXELS, 256 * 28 * 28), (56 * 56, 28 * 28 * 1280)]
 ]  # fmt: skip
 NFRAMES = [
     (ele, total, fps)
-    for ele in ({}, {"fps": 1.0}, {"fps": 4.0}, {"fps": 30.0}, {"max_frames": 64}, {"min_pixels": 128 * 28 * 28},
-                {"video_total_pixels": 8192 * 28 * 28, "fps": 3.0})
+    for ele in ({}, {"fps": 1.0}, {"fps": 4.0}, {"fps": 30.0}, {"max_frames": 64},
+                {"min_pixels": 128 * 28 * 28}, {"video_total_pixels": 8192 * 28 * 28, "fps": 3.0})
     for total, fps in [(40, 10.0), (300, 29.97), (90000, 25.0), (7, 30.0), (1000, 24.0), (216000, 60.0)]
 ]  # fmt: skip
 VIDEOS = {
