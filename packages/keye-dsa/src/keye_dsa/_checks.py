@@ -32,7 +32,8 @@ def check_indices(indices: torch.Tensor, num_keys: int, validate: bool = True) -
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= num_keys:
             raise IndexError(
-                f"indices must lie in [-1, {num_keys - 1}] (-1 marks an empty slot); got values in [{lo}, {hi}]"
+                f"indices must lie in [-1, {num_keys - 1}] (-1 marks an empty slot); "
+                f"got values in [{lo}, {hi}]"
             )
 
 

@@ -21,7 +21,7 @@ def impl_for(*tensors: torch.Tensor) -> str:
         raise ValueError(f"KEYE_DSA_IMPL must be one of {_CHOICES}; got {choice!r}")
     if choice == "auto":
         return "triton" if all(t.is_cuda for t in tensors) else "reference"
-    if choice == "triton" and not all(t.is_cuda for t in tensors):
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("KEYE_DSA_IMPL=triton on CPU tensors needs TRITON_INTERPRET=1")
+    on_cpu = not all(t.is_cuda for t in tensors)
+    if choice == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("KEYE_DSA_IMPL=triton on CPU tensors needs TRITON_INTERPRET=1")
     return choice

@@ -55,9 +55,8 @@ class DSABackend:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: Any, layer_module: Any
     ) -> torch.Tensor:
         if not isinstance(layer_module, LightningIndexer):
-            raise TypeError(
-                f"the dsa backend needs the layer's sa_indexer (a LightningIndexer); got {type(layer_module).__name__}"
-            )
+            got = type(layer_module).__name__
+            raise TypeError(f"the dsa backend needs the layer's sa_indexer (a LightningIndexer); got {got}")
         position_ids = inputs.position_ids
         if position_ids is not None and position_ids.dim() == 3 and layer_module.sections is None:
             position_ids = position_ids[0]  # M-RoPE positions on a text-only config: temporal row

@@ -73,7 +73,7 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if rope is None and position_ids is None:
         position_ids = torch.arange(tk - tq, tk, device=q.device).expand(q.shape[0], tq)
     out = dsa_forward(
-        q, k, v, indexer, state["hidden_states"], scale=scaling if scaling is not None else q.shape[-1] ** -0.5,
+        q, k, v, indexer, state["hidden_states"], scale=q.shape[-1] ** -0.5 if scaling is None else scaling,
         position_ids=position_ids, rope=rope, index_cache=index_cache,
         key_padding_mask=_key_padding(attention_mask), aux_losses=state["aux_losses"],
     )  # fmt: skip

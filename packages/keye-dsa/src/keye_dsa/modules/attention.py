@@ -51,7 +51,8 @@ class DSAttention(nn.Module):
         self.q_norm = nn.RMSNorm(d, eps=rms_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(d, eps=rms_norm_eps) if qk_norm else nn.Identity()
         self.sa_indexer = LightningIndexer(
-            hidden_size, index_heads, index_head_dim, topk, rope_theta=rope_theta, mrope_section=mrope_section,
+            hidden_size, index_heads, index_head_dim, topk, rope_theta=rope_theta,
+            mrope_section=mrope_section,
             decoder_head_dim=d, eps=rms_norm_eps, hadamard=hadamard,
         )  # fmt: skip
 

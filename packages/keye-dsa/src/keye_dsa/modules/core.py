@@ -7,6 +7,8 @@ when training. The indexer's ``mode`` picks the stage (see ``LightningIndexer``)
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,7 @@ def dense_attention(
     if cu_seqlens is not None:
         out = torch.empty_like(q)
         bounds = [int(x) for x in cu_seqlens.tolist()]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b > a:
                 out[:, a:b] = dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale)
         return out
@@ -116,7 +118,8 @@ def _add_kl(aux_losses, q, k, q_index, k_index, weights, indices, scale, key_sta
     if cu_seqlens is not None:
         loss = indexer_kl_loss(
             q[0], k[0], q_index[0], k_index[0], weights[0],
-            indices=None if indices is None else indices[0], scale=scale, cu_seqlens=cu_seqlens, reduction="mean",
+            indices=None if indices is None else indices[0], scale=scale, cu_seqlens=cu_seqlens,
+            reduction="mean",
         )  # fmt: skip
     else:
         loss = indexer_kl_loss(

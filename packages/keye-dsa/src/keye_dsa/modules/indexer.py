@@ -112,7 +112,7 @@ class LightningIndexer(nn.Module):
         key_start: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Top-k key indices (int32, -1 padded); scoring is skipped when no query sees more than top-k keys."""
+        """Top-k key indices (int32, -1 padded); no scoring when no query sees more than top-k keys."""
         with torch.no_grad():
             if cu_seqlens is not None:
                 return select_topk(q_index[0], k_index[0], weights[0], self.topk, cu_seqlens=cu_seqlens)[None]

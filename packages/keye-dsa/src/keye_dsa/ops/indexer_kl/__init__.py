@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from keye_dsa._checks import check_cu_seqlens, check_float, check_rank, check_same
@@ -42,7 +44,7 @@ def indexer_kl_loss(
                 q[None, a:b], k[None, a:b], q_index[None, a:b], k_index[None, a:b], weights[None, a:b],
                 indices=None if indices is None else indices[None, a:b], scale=scale, reduction="none",
             )[0]
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]  # fmt: skip
         per_query = torch.cat(parts) if parts else q.new_zeros(0, dtype=torch.float32)
         return _reduce(per_query, reduction)

@@ -71,7 +71,7 @@ class _ChunkedIndexerKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         qi, ki, w, q, k, indices, key_start = ctx.saved_tensors
-        batch, t = qi.shape[:2]
+        t = qi.shape[1]
         offset = ki.shape[1] - t
         rows = _chunk_rows(q, k, indices)
         dqi, dw = torch.zeros_like(qi), torch.zeros_like(w)

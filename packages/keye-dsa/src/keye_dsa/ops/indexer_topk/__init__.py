@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from keye_dsa._checks import check_cu_seqlens, check_float, check_rank, check_same
@@ -33,7 +35,7 @@ def _check_index_inputs(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, packe
 def indexer_scores(
     q_index: torch.Tensor, k_index: torch.Tensor, weights: torch.Tensor, *, causal: bool = True
 ) -> torch.Tensor:
-    """Dense indexer scores ``[B,T,S]`` (fp32): for short sequences and tests; use ``select_topk`` at scale."""
+    """Dense indexer scores ``[B,T,S]`` (fp32), for short sequences and tests (at scale: ``select_topk``)."""
     _check_index_inputs(q_index, k_index, weights, packed=False)
     return indexer_scores_reference(q_index, k_index, weights, causal=causal)
 
@@ -99,7 +101,7 @@ def select_topk(
 
 def _select_packed(q, k, w, topk, cu_seqlens):
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
     pos = torch.arange(q.shape[0], device=q.device) - starts  # position within the sequence
@@ -108,7 +110,7 @@ def _select_packed(q, k, w, topk, cu_seqlens):
         return torch.where(slots[None, :] <= pos[:, None], slots[None, :], -1).to(torch.int32)
     if impl_for(q, k, w) != "triton" or q.dtype == torch.float64:
         out = torch.full((q.shape[0], topk), -1, dtype=torch.int32, device=q.device)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b > a:
                 out[a:b] = select_topk_reference(q[None, a:b], k[None, a:b], w[None, a:b], topk)[0]
         return out

@@ -60,7 +60,7 @@ def all_visible(batch: int, q_len: int, k_len: int, topk: int, key_start, device
 def select_topk_reference(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, *, key_start: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Top-``topk`` visible keys per query as int32 ``[B,T,topk]`` (-1 pads), ``QUERY_CHUNK`` queries at a time."""
+    """Top-``topk`` visible keys per query, int32 ``[B,T,topk]`` (-1 pads), chunk by chunk of queries."""
     batch, t, _, _ = q.shape
     s = k.shape[1]
     if s <= topk:

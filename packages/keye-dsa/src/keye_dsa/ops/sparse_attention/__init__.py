@@ -87,7 +87,8 @@ def sparse_attention_varlen(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Packed form: ``q [N,Hq,D]``, ``k, v [N,Hkv,D]``, ``indices [N,K]`` relative to each token's sequence."""
+    """Packed form: ``q [N,Hq,D]``, ``k, v [N,Hkv,D]``, ``indices [N,K]`` relative to each token's sequence
+    (``cu_seqlens`` int32 ``[num_seqs + 1]``)."""
     check_rank("q", q, 3, "[total_tokens, q_heads, head_dim]")
     check_rank("k", k, 3, "[total_tokens, kv_heads, head_dim]")
     check_rank("v", v, 3, "[total_tokens, kv_heads, head_dim]")

@@ -182,7 +182,7 @@ def sparse_attention_fwd(q, k, v, indices, scale):
 
 
 def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
-    batch, t, hq, d = q.shape
+    batch, t, _, d = q.shape
     hkv = k.shape[2]
     groups, p, block_d, block_m, block_n = _config(q, k)
     delta = (o.float() * do.float()).sum(-1).contiguous()
