@@ -33,4 +33,4 @@ def combine(rows: torch.Tensor, d: Dispatch, topk_weights: torch.Tensor) -> torc
 def weighted_sum(flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """``[N*K, H]`` rows in slot order -> ``[N, H]``: a batched ``[1, K] @ [K, H]`` (fp32 accumulation)."""
     n, k = topk_weights.shape
-    return torch.bmm(topk_weights.to(flat.dtype)[:, None, :], flat.view(n, k, -1)).squeeze(1)
+    return torch.bmm(topk_weights.to(flat.dtype)[:, None, :], flat.view(n, k, flat.shape[-1])).squeeze(1)
