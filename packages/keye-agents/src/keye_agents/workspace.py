@@ -53,11 +53,12 @@ class Workspace:
             fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise ToolError(f"no file {path!r} in the workspace") from None
-        except IsADirectoryError:
-            raise ToolError(f"{path!r} is a folder; use list_files") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            kind = "a folder; use list_files" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ToolError(f"{path!r} is {kind}")
         with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ToolError(f"{path!r} is not a regular file")
             text = f.read()
         chunk = text[offset : offset + limit]
         if offset + limit < len(text):
