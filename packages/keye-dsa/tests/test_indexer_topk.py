@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from keye_dsa import indexer_scores, select_topk
+from keye_dsa.ops.indexer_topk import triton_kernel
+from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b, t, s, h, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h, d, generator=g, dtype=dtype).to(DEVICE)
+    k = torch.randn(b, s, d, generator=g, dtype=dtype).to(DEVICE)
+    w = torch.randn(b, t, h, generator=g, dtype=dtype).to(DEVICE)
+    return q, k, w
+
+
+def _selected_values(scores, idx):
+    """Sorted scores of the selected keys (-inf for empty slots): equal for any exact top-k."""
+    vals = torch.gather(scores, 2, idx.long().clamp_min(0))
+    return torch.where(idx >= 0, vals, float("-inf")).sort(-1).values
+
+
+def _assert_exact_topk(q, k, w, idx, topk, key_start=None):
+    scores = indexer_scores_reference(q, k, w, key_start=key_start)
+    want = scores.topk(min(topk, scores.shape[-1]), dim=-1).values
+    want = torch.nn.functional.pad(want, (0, topk - want.shape[-1]), value=float("-inf")).sort(-1).values
+    got = _selected_values(scores, idx)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), atol=1e-5, rtol=1e-5)
+    valid = idx[idx >= 0]
+    assert valid.numel() == int(torch.isfinite(want).sum())
+    srt = idx.sort(-1).values
+    assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any(), "a key selected twice"
+
+
+def test_scores_match_the_formula():
+    q, k, w = _inputs(1, 4, 6, 3, 8, torch.float64, seed=0)
+    got = indexer_scores(q, k, w)
+    for t in range(4):
+        for s in range(6):
+            want = sum(w[0, t, j] * torch.relu(q[0, t, j] @ k[0, s]) for j in range(3)) * 8**-0.5
+            want = want if s <= t + 2 else float("-inf")  # 4 queries are the last 4 of 6 keys
+            assert torch.allclose(got[0, t, s], torch.as_tensor(want, dtype=torch.float64))
+    assert torch.isfinite(indexer_scores(q, k, w, causal=False)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("b", "t", "s", "h", "d", "topk"), [(2, 37, 37, 4, 16, 8), (1, 20, 45, 3, 24, 5), (1, 50, 50, 2, 16, 49)]
+)
+def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, topk, dtype):
+    monkeypatch.setattr(triton_kernel, "SCORE_BYTES_PER_CHUNK", 4 * 16 * s)  # several query chunks
+    q, k, w = _inputs(b, t, s, h, d, dtype, seed=t * s)
+    force_impl("triton")
+    got = select_topk(q, k, w, topk)
+    assert got.dtype == torch.int32 and got.shape == (b, t, topk)
+    _assert_exact_topk(q, k, w, got, topk)
+    force_impl("reference")
+    _assert_exact_topk(q, k, w, select_topk(q, k, w, topk), topk)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_left_padding_and_decode_offsets(force_impl, impl):
+    force_impl(impl)
+    q, k, w = _inputs(2, 5, 70, 4, 32, torch.float32, seed=7)
+    start = torch.tensor([3, 40], device=DEVICE)
+    idx = select_topk(q, k, w, 7, key_start=start)
+    _assert_exact_topk(q, k, w, idx, 7, key_start=start)
+    assert (idx[0][idx[0] >= 0] >= 3).all() and (idx[1][idx[1] >= 0] >= 40).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_ties_are_resolved_exactly(force_impl, impl):
+    """Negative gates make most scores exactly 0 after ReLU: many ties at the threshold."""
+    force_impl(impl)
+    q, k, w = _inputs(1, 30, 30, 2, 16, torch.float32, seed=2)
+    w = -w.abs()
+    idx = select_topk(q, k, w, 6)
+    _assert_exact_topk(q, k, w, idx, 6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_packed_matches_per_sequence(force_impl, impl):
+    force_impl(impl)
+    lengths = [12, 3, 20]
+    cu = torch.tensor([0, 12, 15, 35], dtype=torch.int32, device=DEVICE)
+    q, k, w = _inputs(1, 35, 35, 4, 16, torch.float32, seed=9)
+    got = select_topk(q[0], k[0], w[0], 5, cu_seqlens=cu)
+    for a, n in zip(cu[:-1].tolist(), lengths):
+        part = got[None, a : a + n]
+        _assert_exact_topk(q[:, a : a + n], k[:, a : a + n], w[:, a : a + n], part, 5)
+
+
+def test_short_sequences_skip_scoring(force_impl, monkeypatch):
+    force_impl("triton")
+    monkeypatch.setattr(triton_kernel, "topk_chunk", None)  # scoring would crash
+    q, k, w = _inputs(2, 6, 6, 4, 16, torch.float32, seed=1)
+    idx = select_topk(q, k, w, 8)
+    pos = torch.arange(8, device=DEVICE)
+    want = torch.where(pos[None, :] <= torch.arange(6, device=DEVICE)[:, None], pos[None, :], -1)
+    assert torch.equal(idx, want[None].expand(2, 6, 8).to(torch.int32))
+
+
+def test_clear_errors():
+    q, k, w = _inputs(1, 4, 6, 3, 8, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="topk must be a positive int"):
+        select_topk(q, k, w, 0)
+    with pytest.raises(ValueError, match="q_index must have rank 4"):
+        select_topk(q[0], k, w, 2)
+    with pytest.raises(ValueError, match="index_dim"):
+        select_topk(q, k[..., :4], w, 2)
+    with pytest.raises(ValueError, match="weights.shape"):
+        select_topk(q, k, w[..., :2], 2)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        select_topk(q, k[:, :2], w, 2)
+    with pytest.raises(TypeError, match="weights must be a floating tensor"):
+        select_topk(q, k, w.long(), 2)
