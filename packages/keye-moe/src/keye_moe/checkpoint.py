@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from keye_moe.config import DecoderConfig
+from keye_moe.layers.router import Router
 
 if TYPE_CHECKING:
     from keye_moe.model import KeyeMoeForCausalLM
@@ -197,6 +198,11 @@ def load_pretrained(
     model.to(dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
+    with torch.no_grad():  # balancing state absent from older checkpoints starts at zero
+        for module in model.modules():
+            if isinstance(module, Router) and module.e_score_correction_bias is not None:
+                module.e_score_correction_bias.zero_()
+                module.expert_load.zero_()  # type: ignore[union-attr]
     if missing:  # non-strict, or the optional bias / indexer: give everything a defined value first
         model.init_weights()
     if has_indexer and not ckpt_has_indexer:
