@@ -50,6 +50,24 @@ def test_runs_code_in_its_workspace_and_prints_final_expression(box):
 
 
 @isolated
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="the workspace is lent to another user only when running as root"
+)
+def test_workspace_ownership_is_given_back_after_each_run(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "given.txt").write_text("from the agent")
+    os.chown(ws / "given.txt", 1234, 1234)
+    with Sandbox(ws, limits=SMALL, persistent=True) as sb:
+        code = "open('given.txt', 'a').write(' + sandbox')\nimport os\nos.makedirs('new/deeper')\n"
+        code += "open('new/f', 'w')"
+        assert sb.run(code, timeout_s=10).ok
+        owners = {p.relative_to(ws).as_posix(): (p.stat().st_uid, p.stat().st_gid) for p in ws.rglob("*")}
+        assert owners == {"given.txt": (1234, 1234), "new": (0, 0), "new/deeper": (0, 0), "new/f": (0, 0)}
+        assert sb.run("print(open('given.txt').read())", timeout_s=10).stdout == "from the agent + sandbox\n"
+
+
+@isolated
 def test_exception_gives_traceback_and_exit_code_1(box):
     result = box.run("def f():\n    raise ValueError('bad input')\nf()", timeout_s=10)
     assert result.exit_code == 1 and not result.timed_out

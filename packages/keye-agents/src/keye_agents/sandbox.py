@@ -152,6 +152,8 @@ class Sandbox:
     """A confined Python runner; ``persistent=True`` keeps variables and imports across ``run`` calls.
 
     Use as a context manager (or call ``close``) so the worker process and a temporary workspace go away.
+    As root, the workspace is lent to ``nobody`` during each run and every file is given back to its
+    owner afterwards (new files to the workspace folder's owner), so ownership looks untouched.
     """
 
     def __init__(
@@ -226,11 +228,33 @@ class Sandbox:
             **{k: getattr(self.limits, k) for k in SandboxLimits.__dataclass_fields__},
         }
 
+    def _workspace_paths(self) -> list[str]:
+        paths = []
+        for root, dirs, files in os.walk(self.workspace):  # never follows links; lchown never does either
+            paths += [root, *(os.path.join(root, n) for n in dirs + files)]
+        return paths
+
+    def _lend_workspace(self) -> dict[str, tuple[int, int]]:
+        """Hand the workspace to the sandbox user for one run, remembering who owned what."""
+        owners: dict[str, tuple[int, int]] = {}
+        if self.uid is None:
+            return owners
+        for path in self._workspace_paths():
+            st = os.lstat(path)
+            owners[path] = (st.st_uid, st.st_gid)
+            os.lchown(path, self.uid, self.gid)
+        return owners
+
+    def _return_workspace(self, owners: dict[str, tuple[int, int]]) -> None:
+        """Give every file back to its owner; files the run created go to the workspace's owner."""
+        if self.uid is None:
+            return
+        default = owners[str(self.workspace)]
+        for path in self._workspace_paths():
+            with contextlib.suppress(FileNotFoundError):  # a background process may still be deleting
+                os.lchown(path, *owners.get(path, default))
+
     def _start(self) -> None:
-        if self.uid is not None:  # files the agent's tools wrote must be usable by the sandbox user
-            for root, dirs, files in os.walk(self.workspace):
-                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                    os.lchown(name, self.uid, self.gid)
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         cfg = json.dumps(self._config(req_r, resp_w))
@@ -259,19 +283,23 @@ class Sandbox:
         timeout = self.timeout_s if timeout_s is None else float(timeout_s)
         if timeout <= 0:
             raise ValueError(f"Sandbox.run: timeout_s must be positive, got {timeout_s!r}")
-        if self._proc is None:
-            self._start()
-        out, err = _Capture(self.limits.max_output_bytes), _Capture(self.limits.max_output_bytes)
+        owners = self._lend_workspace()
         try:
-            self._requests.write(json.dumps({"code": code}).encode() + b"\n")
-            self._requests.flush()
-            if not self.persistent:
-                self._requests.close()
-        except BrokenPipeError:
-            pass  # the worker died already: its report below says how
-        result = self._collect(out, err, time.monotonic() + timeout, timeout)
-        if not self.persistent or result.exit_code is None or result.note:
-            self._kill()
+            if self._proc is None:
+                self._start()
+            out, err = _Capture(self.limits.max_output_bytes), _Capture(self.limits.max_output_bytes)
+            try:
+                self._requests.write(json.dumps({"code": code}).encode() + b"\n")
+                self._requests.flush()
+                if not self.persistent:
+                    self._requests.close()
+            except BrokenPipeError:
+                pass  # the worker died already: its report below says how
+            result = self._collect(out, err, time.monotonic() + timeout, timeout)
+            if not self.persistent or result.exit_code is None or result.note:
+                self._kill()
+        finally:
+            self._return_workspace(owners)
         return result
 
     def _collect(self, out: _Capture, err: _Capture, deadline: float, timeout: float) -> SandboxResult:
