@@ -246,9 +246,10 @@ class ScriptedBackend:
 class LocalBackend:
     """The Keye model in this process, through keye-train (``pip install 'keye-agents[local]'``).
 
-    Tools travel in the Hermes system prompt and calls are parsed from the generated text, exactly as
-    the model was trained. Pass a built ``model`` (and ``processor``), or use ``from_pretrained`` or
-    ``from_preset``.
+    keye-train's Qwen3 chat template puts the tools in the system prompt and renders earlier calls and
+    results in Hermes form; calls are parsed from the generated text, exactly as the model was trained.
+    Extra keyword options (``enable_thinking``, ``temperature``, ...) go to ``model.chat``. Pass a built
+    ``model`` (and ``processor``), or use ``from_pretrained`` or ``from_preset``.
     """
 
     def __init__(self, model: Any, processor: Any = None, *, max_new_tokens: int = 512, **generate: Any):
@@ -293,11 +294,10 @@ class LocalBackend:
         return cls(model.eval(), kt.KeyeProcessor(), **kwargs)
 
     def complete(self, messages, tools, *, on_text: OnText | None = None) -> Reply:
-        text_messages = to_text_messages(list(messages), list(tools))
         kwargs = dict(self.generate)
         if self.processor is not None:
             kwargs["processor"] = self.processor
-        text = self.model.chat(text_messages, **kwargs)
+        text = self.model.chat(list(messages), tools=list(tools) or None, **kwargs)
         if on_text is not None:
             visible = VisibleText(on_text)
             visible.feed(text)
