@@ -104,6 +104,10 @@ class KeyeVLConfig:
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
 
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.text_config.tie_word_embeddings
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> KeyeVLConfig:
         """Read a released Keye-VL ``config.json`` dict."""

@@ -263,12 +263,13 @@ class KeyeProcessor:
         samples: Sequence[EncodedChat],
         *,
         packing: bool = False,
-        padding_side: str = "right",
+        padding_side: str = "left",
         pad_to_multiple_of: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Batch encoded chats: padded to ``[B, T]`` with ``attention_mask``, or packed into ``[1, sum T]``
-        with ``cu_seqlens`` (int32, ``[B + 1]``). Positions are ``[3, B, T]``; vision items of all samples
-        are concatenated in token order (``pixel_values``, ``grid_thw``)."""
+        with ``cu_seqlens`` (int32, ``[B + 1]``). Padding goes on the left by default: the one layout every
+        attention backend (DSA included) and cached generation accept. Positions are ``[3, B, T]``; the
+        vision items of all samples are concatenated in token order (``pixel_values``, ``grid_thw``)."""
         if not samples:
             raise ValueError("collate needs at least one sample")
         if padding_side not in ("left", "right"):
@@ -322,12 +323,9 @@ class KeyeProcessor:
         add_generation_prompt: bool = False,
         enable_thinking: bool = True,
         packing: bool = False,
-        padding_side: str | None = None,
+        padding_side: str = "left",
     ) -> dict[str, torch.Tensor]:
-        """One conversation (a list of messages) or a batch of them -> a collated batch.
-
-        Prompts for generation (``add_generation_prompt=True``) are left-padded by default.
-        """
+        """One conversation (a list of messages) or a batch of them -> a collated batch."""
         if conversations and isinstance(conversations[0], Mapping):
             conversations = [conversations]  # type: ignore[list-item]
         samples = [
@@ -339,8 +337,7 @@ class KeyeProcessor:
             )
             for c in conversations
         ]
-        side = padding_side or ("left" if add_generation_prompt else "right")
-        return self.collate(samples, packing=packing, padding_side=side)
+        return self.collate(samples, packing=packing, padding_side=padding_side)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
