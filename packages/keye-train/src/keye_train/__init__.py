@@ -9,7 +9,10 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so that `import keye_train` (the CLI, plugin listing) stays light.
 _LAZY = {
+    "KeyeVLConfig": "keye_train.config",
+    "KeyeVLForConditionalGeneration": "keye_train.modeling",
     "KeyeProcessor": "keye_train.processor",
+    "ProcessorConfig": "keye_train.processor",
     "KeyeTokenizer": "keye_train.tokenizer",
     "EncodedChat": "keye_train.processor",
     "VisionFrame": "keye_train.processor",
