@@ -58,7 +58,10 @@ def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, t
     assert got.dtype == torch.int32 and got.shape == (b, t, topk)
     _assert_exact_topk(q, k, w, got, topk)
     force_impl("reference")
-    _assert_exact_topk(q, k, w, select_topk(q, k, w, topk), topk)
+    ref = select_topk(q, k, w, topk)
+    _assert_exact_topk(q, k, w, ref, topk)
+    if dtype == torch.float32:  # same tie rule (lowest position first): the very same sets
+        assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -79,6 +82,16 @@ def test_ties_are_resolved_exactly(force_impl, impl):
     w = -w.abs()
     idx = select_topk(q, k, w, 6)
     _assert_exact_topk(q, k, w, idx, 6)
+    scores = indexer_scores_reference(q, k, w)
+    kth = _selected_values(scores, idx)[..., 0]  # the threshold of each row
+    pos = torch.arange(30, device=DEVICE)
+    tied = (scores == kth[..., None]) & (pos <= torch.arange(30, device=DEVICE)[:, None])
+    chosen = torch.zeros_like(tied).scatter_(2, idx.long().clamp_min(0), idx >= 0)
+    # among ties at the threshold, the lowest positions are kept
+    for t in range(6, 30):
+        ties = pos[tied[0, t]]
+        kept = ties[chosen[0, t, ties]]
+        assert torch.equal(kept, ties[: kept.numel()])
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

@@ -71,6 +71,9 @@ def select_topk_reference(
         scores = indexer_scores_reference(
             q[:, c0:c1], k, w[:, c0:c1], key_start=key_start, q_offset=c0 + s - t
         )
-        values, idx = scores.topk(topk, dim=-1)
+        # A stable sort keeps the lowest positions among equal scores, the kernel's rule, so both
+        # paths select the same set even when ReLU leaves many exact zeros.
+        values, idx = scores.sort(dim=-1, descending=True, stable=True)
+        values, idx = values[..., :topk], idx[..., :topk]
         out[:, c0:c1] = torch.where(torch.isinf(values), -1, idx).to(torch.int32)
     return out
