@@ -137,12 +137,14 @@ def test_cached_generation_equals_recomputation(processor, media, attn):
 
 def test_chat_helper_returns_reply_text(processor):
     model = tiny_model()
-    reply = model.chat(
-        [{"role": "user", "content": "Hi"}], processor=processor, max_new_tokens=5, eos_token_id=[]
-    )
-    batch = processor([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    hi = [{"role": "user", "content": "Hi"}]
+    reply = model.chat(hi, processor=processor, max_new_tokens=5, eos_token_id=[])
+    batch = processor(hi, add_generation_prompt=True)
     expected = processor.decode(model.generate(**batch, max_new_tokens=5, eos_token_id=[])[0])
     assert isinstance(reply, str) and reply == expected
+    # stop strings work without a decode callback: the helper passes the processor's
+    unstopped = model.chat(hi, processor=processor, max_new_tokens=5, eos_token_id=[], stop_strings=["\x00"])
+    assert unstopped == reply
     with pytest.raises(ValueError, match="left-padded"):
         prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b c d e"}]]
         model.generate(**processor(prompts, add_generation_prompt=True, padding_side="right"))

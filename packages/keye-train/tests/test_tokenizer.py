@@ -54,6 +54,9 @@ def test_checkpoint_tokenizer_without_keye_tokens_is_refused(tmp_path):
     path.write_text(json.dumps(json.loads(bare.to_str())))
     with pytest.raises(ValueError, match=r"lacks Keye's special tokens .*<\|image_pad\|>"):
         KeyeTokenizer.from_file(tmp_path)
+    grown = KeyeTokenizer.from_file(tmp_path, add_missing=True)
+    assert grown.ids.im_start == bare.token_to_id("<|im_start|>")
+    assert grown.ids.frame >= 2 and grown.encode("x<|frame|>")[-1] == grown.ids.frame
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         KeyeTokenizer.from_file(tmp_path / "missing")
 

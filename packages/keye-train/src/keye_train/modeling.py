@@ -288,6 +288,15 @@ class KeyeVLForConditionalGeneration(nn.Module):
         from keye_train.processor import KeyeProcessor
 
         processor = processor if processor is not None else KeyeProcessor()
+        vocab = self.config.text_config.vocab_size
+        if len(processor.tokenizer) > vocab:
+            raise ValueError(
+                f"the processor's tokenizer ({processor.tokenizer.source}) has {len(processor.tokenizer)} "
+                f"tokens but the model's vocabulary has {vocab}; pass the checkpoint's "
+                "KeyeProcessor.from_pretrained(...)"
+            )
+        if generate_kwargs.get("stop_strings") and "decode" not in generate_kwargs:
+            generate_kwargs["decode"] = processor.decode
         batch = processor(messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking)
         device = next(self.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}

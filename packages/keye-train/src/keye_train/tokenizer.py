@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS = ASSETS / "tokenizer_corpus.txt"
@@ -166,14 +169,24 @@ class SpecialIds:
 class KeyeTokenizer:
     """A ``tokenizers.Tokenizer`` plus the Keye special-token ids, checked once at construction."""
 
-    def __init__(self, tokenizer: Tokenizer, *, source: str = "(in memory)"):
+    def __init__(self, tokenizer: Tokenizer, *, source: str = "(in memory)", add_missing: bool = False):
         self.backend = tokenizer
         self.source = source
         missing = [t for t in REQUIRED_TOKENS if tokenizer.token_to_id(t) is None]
-        if missing:
+        if missing and add_missing:
+            # e.g. a plain Qwen3 tokenizer: append Keye's video markers after its vocabulary
+            specials = dict(SPECIAL_TOKENS)
+            tokenizer.add_tokens([AddedToken(t, special=specials[t], normalized=False) for t in missing])
+            log.warning(
+                "added %s to the tokenizer from %s (ids from %d): the model's embeddings must cover them",
+                missing,
+                source,
+                tokenizer.token_to_id(missing[0]),
+            )
+        elif missing:
             raise ValueError(
-                f"tokenizer from {source} lacks Keye's special tokens {missing}; "
-                "add them to its tokenizer.json (added_tokens) or use KeyeTokenizer.default()"
+                f"tokenizer from {source} lacks Keye's special tokens {missing}; add them to its "
+                "tokenizer.json (added_tokens), load it with add_missing=True, or use KeyeTokenizer.default()"
             )
         tid = tokenizer.token_to_id
         self.ids = SpecialIds(
@@ -194,14 +207,15 @@ class KeyeTokenizer:
         return cls(default_tokenizer(), source="the embedded default")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> KeyeTokenizer:
-        """Load ``tokenizer.json`` (or a checkpoint directory holding one)."""
+    def from_file(cls, path: str | os.PathLike, *, add_missing: bool = False) -> KeyeTokenizer:
+        """Load ``tokenizer.json`` (or a checkpoint directory holding one); ``add_missing`` appends any
+        Keye special token the file lacks instead of refusing it."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(Tokenizer.from_file(str(path)), source=str(path))
+        return cls(Tokenizer.from_file(str(path)), source=str(path), add_missing=add_missing)
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / "tokenizer.json"
