@@ -51,6 +51,10 @@ def test_run_json_mode_and_step_budget_exit_code(tmp_path, capsys):
 def test_unknown_backend_and_bad_option_are_explained(tmp_path):
     with pytest.raises(SystemExit, match="no backend 'nope'; available: .*openai"):
         main(["run", "x", "--backend", "nope"])
+    with pytest.raises(SystemExit, match="needs a checkpoint .* or a preset"):
+        main(["serve", "--backend", "local"])
+    with pytest.raises(SystemExit, match="backend 'scripted': .*No such file"):
+        main(["run", "x", "--backend", "scripted", "--script", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="backend 'scripted' does not take these options"):
         main(
             ["run", "x", "--backend", "scripted", "--script", script(tmp_path, []), "--base-url", "http://x"]

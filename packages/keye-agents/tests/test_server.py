@@ -207,6 +207,8 @@ def _tiny_backend():
 @pytest.mark.slow
 def test_openai_client_against_the_tiny_local_model(serve):
     backend = _tiny_backend()
+    chat, seen = backend.model.chat, []
+    backend.model.chat = lambda messages, **kw: seen.append(kw["tools"]) or chat(messages, **kw)
     api = client(serve(backend))
     response = api.chat.completions.create(
         model="keye-test",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -55,6 +56,8 @@ class Agent:
 
     ``tool_options`` reach tool factories through ``ToolContext.options`` (e.g. ``docs`` for search,
     ``timeout_s``/``persistent``/``network``/``limits`` for python). ``transcript`` is a JSONL path.
+    The time budget is checked before each model turn and caps each tool call; a model call already
+    under way is not interrupted (give the backend its own timeout).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Agent:
         self.backend = backend
         self.max_steps, self.time_budget_s = max_steps, time_budget_s
         self.on_event, self.on_text = on_event, on_text
+        self._owns_workspace = workspace is None
         self.workspace = Path(workspace or tempfile.mkdtemp(prefix="keye-agent-")).resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
         tools = list(tools)
@@ -119,8 +123,11 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop tool sessions (the sandbox) and close the transcript."""
+        """Stop tool sessions (the sandbox), close the transcript, and delete the workspace when it was
+        a temporary one made by the agent."""
         self.context.close()
+        if self._owns_workspace:
+            shutil.rmtree(self.workspace, ignore_errors=True)
         if self._transcript_file is not None:
             self._transcript_file.close()
             self._transcript_file = None

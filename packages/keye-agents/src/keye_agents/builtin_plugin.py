@@ -22,10 +22,14 @@ def _file_tool(name: str):
     return factory
 
 
-def _local_backend(model_path: str | None = None, preset: str = "tiny", **kwargs: Any) -> LocalBackend:
+def _local_backend(model_path: str | None = None, preset: str | None = None, **kwargs: Any) -> LocalBackend:
     if model_path:
         return LocalBackend.from_pretrained(model_path, **kwargs)
-    return LocalBackend.from_preset(preset, **kwargs)
+    if preset:
+        return LocalBackend.from_preset(preset, **kwargs)
+    raise ValueError(
+        "the local backend needs a checkpoint (model_path / --model-path) or a preset (--preset tiny)"
+    )
 
 
 @hookimpl

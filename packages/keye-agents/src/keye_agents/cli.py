@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from keye_agents.agent import DEFAULT_TOOLS, Agent
+from keye_agents.backends import BackendError
 from keye_agents.plugins import load_plugins
 from keye_agents.sandbox import SandboxLimits
 
@@ -38,6 +39,8 @@ def make_backend(args: argparse.Namespace, plugins) -> Any:
         return backends[args.backend](**options)
     except TypeError as exc:
         sys.exit(f"backend {args.backend!r} does not take these options {sorted(options)}: {exc}")
+    except (ValueError, OSError, BackendError) as exc:
+        sys.exit(f"backend {args.backend!r}: {exc}")
 
 
 def _add_backend_flags(p: argparse.ArgumentParser, default: str) -> None:
