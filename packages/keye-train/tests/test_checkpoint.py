@@ -175,6 +175,17 @@ def test_missing_indexers_start_fresh_and_say_so(saved, tmp_path, caplog):
     assert torch.equal(indexer.k_norm.weight, torch.ones_like(indexer.k_norm.weight))  # a real init
 
 
+def test_dense_attention_load_ignores_indexers(saved, batch):
+    model, path = saved
+    dense = KeyeVLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    assert dense.model.layers[0].self_attn.backend_module_name is None
+    assert len(dense.load_report.ignored) == 5 * model.config.text_config.num_hidden_layers
+    assert all(".sa_indexer." in name for name in dense.load_report.ignored)
+    real = batch["attention_mask"].bool()  # (padding queries attend to nothing; their outputs differ)
+    with torch.no_grad():  # prompts shorter than top-k: DSA is exactly dense attention
+        assert torch.allclose(model(**batch).logits[real], dense(**batch).logits[real], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

@@ -1,5 +1,7 @@
 """KeyeVLForConditionalGeneration: vision tokens, registry lookup, packing, generation, the 30B preset."""
 
+import copy
+
 import pytest
 import torch
 
@@ -93,6 +95,12 @@ def test_positions_from_the_model_equal_the_processors(model, processor, media):
     computed = model.position_ids(batch["input_ids"], batch["grid_thw"], batch["attention_mask"])
     mask = batch["attention_mask"].bool()
     assert torch.equal(computed[:, mask], batch["position_ids"][:, mask])
+    samples = [
+        processor.encode_chat(c) for c in (chat(media), [{"role": "user", "content": "Hi"}], chat(media))
+    ]
+    packed = processor.collate(samples, packing=True)
+    computed = model.position_ids(packed["input_ids"], packed["grid_thw"], cu_seqlens=packed["cu_seqlens"])
+    assert torch.equal(computed, packed["position_ids"])
 
 
 def test_packed_batch_equals_padded_batch(model, processor, media):
@@ -109,8 +117,15 @@ def test_packed_batch_equals_padded_batch(model, processor, media):
 
 def test_training_step_reaches_every_part(processor, media):
     model = tiny_model().train()
-    out = model(**processor([chat(media, "From 1.0 to 2.5 seconds.")]))
+    batch = processor([chat(media, "From 1.0 to 2.5 seconds.")])
+    reference = model(**batch)
+    model.gradient_checkpointing_enable()
+    out = model(**batch)
+    assert torch.allclose(out.loss, reference.loss)
     out.loss.backward()
+    assert copy.deepcopy(model).decoder.model is not model.model  # a copy shares nothing ...
+    twin = copy.deepcopy(model)
+    assert twin.decoder.model is twin.model and twin.decoder.training  # ... but keeps its own wiring
     for part in (model.visual, model.mlp_AR, model.model.embed_tokens, model.lm_head):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

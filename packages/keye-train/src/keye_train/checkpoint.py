@@ -166,15 +166,20 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    attn_implementation: str | None = None,
 ) -> KeyeVLForConditionalGeneration:
     """Build on the meta device, check every name and shape from the headers, materialize once, then
-    copy each tensor straight into its parameter, shard by shard."""
+    copy each tensor straight into its parameter, shard by shard. ``attn_implementation`` picks the
+    decoder's attention backend (default: ``dsa`` when the config has ``sa_config`` and keye-dsa is
+    installed); without an indexer-owning backend, ``sa_indexer`` tensors are ignored and listed."""
     from keye_train.config import KeyeVLConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; is it a Keye-VL checkpoint folder?")
     config = KeyeVLConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    if attn_implementation is not None:
+        config.text_config = config.text_config.replace(attn_implementation=attn_implementation)
     files = checkpoint_files(path)
     headers = _headers(files)
     with torch.device("meta"):

@@ -76,6 +76,11 @@ class KeyeVLForConditionalGeneration(nn.Module):
         self.decoder.training = mode  # its children are ours and already switched
         return self
 
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each vision and decoder layer in the backward pass instead of storing activations."""
+        self.visual.vision_model.gradient_checkpointing = enable
+        self.decoder.gradient_checkpointing = enable
+
     # ------------------------------------------------------------------ embeddings
     def vision_embeddings(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """``[sum_i h_i * w_i / 4, hidden]``: tower then projector, items in ``grid_thw`` order."""
@@ -198,12 +203,16 @@ class KeyeVLForConditionalGeneration(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         strict: bool = True,
+        attn_implementation: str | None = None,
     ) -> KeyeVLForConditionalGeneration:
         """Load a composite checkpoint folder (DESIGN §7); ``model.load_report`` says what was loaded,
-        ignored, missing (non-strict) and whether the DSA indexers started fresh."""
+        ignored, missing (non-strict) and whether the DSA indexers started fresh. ``attn_implementation``
+        (``sdpa``, ``dsa``, ...) overrides the decoder's attention backend."""
         from keye_train.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
+        return load_pretrained(
+            cls, path, dtype=dtype, device=device, strict=strict, attn_implementation=attn_implementation
+        )
 
     def save_pretrained(
         self,
