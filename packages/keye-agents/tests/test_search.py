@@ -27,6 +27,7 @@ def test_bm25_ranks_the_right_passage_with_line_citations(docs):
     river = LocalSearch(docs).search("river", k=1)[0]
     assert river.first_line <= 35 <= river.last_line and river.text.endswith("called the Slow.")
     assert LocalSearch(docs).search("dumplings steamed", k=1)[0].citation == "food.txt:1-2"
+    assert LocalSearch(docs).search("steaming dumpling", k=1)[0].citation == "food.txt:1-2"  # stemmed
 
 
 def test_no_match_and_empty_collection_give_no_results(docs, tmp_path):

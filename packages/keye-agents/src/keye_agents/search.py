@@ -1,4 +1,5 @@
-"""Search over a local document collection with BM25 (``bm25s``), returning passages with citations.
+"""Search over a local document collection with BM25 (``bm25s``, Snowball stemming), returning passages
+with citations.
 
 Why passages: an agent needs to cite where an answer came from, so documents are split into windows
 of lines and every hit carries ``source:first-last`` line numbers. Other backends (web search) plug in
@@ -37,6 +38,7 @@ class LocalSearch:
         self, root: str | os.PathLike, *, passage_lines: int = 12, suffixes: Sequence[str] = TEXT_SUFFIXES
     ):
         import bm25s
+        import Stemmer
 
         if passage_lines < 2:
             raise ValueError(f"passage_lines must be at least 2, got {passage_lines}")
@@ -53,12 +55,12 @@ class LocalSearch:
                 if any(line.strip() for line in chunk):
                     self.passages.append(SearchHit(rel, "\n".join(chunk), 0.0, start + 1, start + len(chunk)))
         self._bm25s = bm25s
+        self._stemmer = Stemmer.Stemmer("english")  # Snowball: "refunds" finds "refund"
         self._index = None
         if self.passages:
             self._index = bm25s.BM25()
-            tokens = bm25s.tokenize(
-                [f"{p.source}\n{p.text}" for p in self.passages], stopwords="en", show_progress=False
-            )
+            texts = [f"{p.source}\n{p.text}" for p in self.passages]
+            tokens = bm25s.tokenize(texts, stopwords="en", stemmer=self._stemmer, show_progress=False)
             self._index.index(tokens, show_progress=False)
 
     def search(self, query: str, k: int = 5) -> list[SearchHit]:
@@ -67,6 +69,7 @@ class LocalSearch:
         tokens = self._bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
         if not tokens[0]:
             return []
+        tokens = [self._stemmer.stemWords(tokens[0])]
         k = min(k, len(self.passages))
         ids, scores = self._index.retrieve(tokens, k=k, show_progress=False)
         hits = []
