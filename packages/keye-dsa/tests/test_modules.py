@@ -168,7 +168,8 @@ def test_plugin_registers_a_backend_with_the_protocol_shape(force_impl):
     factory = eps[0].load().keye_attention_backends()["dsa"]
     config = SimpleNamespace(
         hidden_size=48, num_attention_heads=8, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
-        mrope_section=None, rms_norm_eps=1e-6, sa_config={"indexer_num_heads": 2, "indexer_head_dim": 16, "topk": 32},
+        mrope_section=None, rms_norm_eps=1e-6,
+        sa_config={"indexer_num_heads": 2, "indexer_head_dim": 16, "topk": 32},
     )  # fmt: skip
     backend = factory(config)
     assert backend.layer_module_name == "sa_indexer"
@@ -176,7 +177,8 @@ def test_plugin_registers_a_backend_with_the_protocol_shape(force_impl):
     assert isinstance(layer, LightningIndexer) and layer.topk == 32 and layer.num_heads == 2
     q, k, v = torch.randn(2, 9, 8, 16), torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16)
     inputs = SimpleNamespace(
-        hidden_states=torch.randn(2, 9, 48), position_ids=torch.arange(9).expand(2, 9), scale=0.25, layer_idx=0,
+        hidden_states=torch.randn(2, 9, 48), position_ids=torch.arange(9).expand(2, 9), scale=0.25,
+        layer_idx=0,
         cu_seqlens=None, key_padding_mask=None, cache={}, aux_losses=None,
     )  # fmt: skip
     out = backend.attention(q, k, v, inputs, layer)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from keye_dsa import sparse_attention, sparse_attention_varlen
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
 from keye_dsa.ops.sparse_attention.triton_kernel import pack_size

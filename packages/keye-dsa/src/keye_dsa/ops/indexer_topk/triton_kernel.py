@@ -41,7 +41,7 @@ def _index_scores(
     hi = tl.load(HI + t, mask=t_ok, other=-1)
     lo = tl.load(LO + t, mask=t_ok, other=2147483647)
     s_loc = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # position inside the window starting at key k0
-    if pid_s * BLOCK_S > tl.max(hi) or pid_s * BLOCK_S + BLOCK_S <= tl.min(lo):
+    if (pid_s * BLOCK_S > tl.max(hi)) | (pid_s * BLOCK_S + BLOCK_S <= tl.min(lo)):
         return
     s_abs = (k0 + s_loc).to(tl.int64)
     r = tl.arange(0, BLOCK_T * BLOCK_H)
@@ -102,7 +102,7 @@ def _radix_topk(
         need = tl.full([1], TOPK, tl.int32)  # how many still to take among keys matching the prefix
         bins = tl.arange(0, 256)
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p
             hist = tl.zeros([256], tl.int32)
             for s0 in range(lo, hi + 1, BLOCK):
                 s = s0 + offs

@@ -148,22 +148,25 @@ def _sparse_bwd(
     )
 
 
-def _config(q: torch.Tensor, k: torch.Tensor):
+# Launch settings (the benchmark sweeps them); BLOCK_N is the number of gathered rows per step.
+FWD_LAUNCH = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+BWD_LAUNCH = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+
+
+def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
     hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
     groups = hq // hkv
     p = pack_size(groups, hkv, d)
     block_d = triton.next_power_of_2(d)
     block_m = max(16, triton.next_power_of_2(p * groups))
-    block_n = 64 if p * block_d <= 256 else 32
-    if q.dtype == torch.float32:
-        block_n = min(block_n, 32)
+    block_n = launch["BLOCK_N"] if q.dtype != torch.float32 else min(32, launch["BLOCK_N"])
     return groups, p, block_d, block_m, block_n
 
 
 def sparse_attention_fwd(q, k, v, indices, scale):
     batch, t, hq, d = q.shape
     hkv = k.shape[2]
-    groups, p, block_d, block_m, block_n = _config(q, k)
+    groups, p, block_d, block_m, block_n = _config(q, k, FWD_LAUNCH)
     o = torch.empty_like(q)
     lse = torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
     if t == 0:
@@ -176,7 +179,7 @@ def sparse_attention_fwd(q, k, v, indices, scale):
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         scale, indices.shape[2], d,
         G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-        **dot_flags(q.dtype), num_warps=4, num_stages=2,
+        **dot_flags(q.dtype), num_warps=FWD_LAUNCH["num_warps"], num_stages=FWD_LAUNCH["num_stages"],
     )  # fmt: skip
     return o, lse
 
@@ -184,7 +187,7 @@ def sparse_attention_fwd(q, k, v, indices, scale):
 def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
     batch, t, _, d = q.shape
     hkv = k.shape[2]
-    groups, p, block_d, block_m, block_n = _config(q, k)
+    groups, p, block_d, block_m, block_n = _config(q, k, BWD_LAUNCH)
     delta = (o.float() * do.float()).sum(-1).contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
@@ -199,6 +202,6 @@ def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             scale, indices.shape[2], d,
             G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
-            **dot_flags(q.dtype), num_warps=4, num_stages=1,
+            **dot_flags(q.dtype), num_warps=BWD_LAUNCH["num_warps"], num_stages=BWD_LAUNCH["num_stages"],
         )  # fmt: skip
     return dq, dk.to(k.dtype), dv.to(v.dtype)
