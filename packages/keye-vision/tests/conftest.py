@@ -38,3 +38,13 @@ def checkpoint_writer(tmp_path: Path):
         return write_checkpoint(tmp_path / name, tensors, config, shards)
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Two cores shared with other test processes: OpenMP threads then wait on each other and small
+    tensor ops slow down ~100x. One thread for these tests; the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,58 +25,94 @@ _I = torch.arange(256, dtype=torch.float64)
 # OpenCV's RGB2HSV_b tables: round((255 << 12) / v) and round((180 << 12) / (6 * diff)); index 0 -> 0.
 _SDIV = torch.where(_I > 0, torch.round((255 << _HSV_SHIFT) / _I.clamp(min=1)), 0).long()
 _HDIV = torch.where(_I > 0, torch.round((180 << _HSV_SHIFT) / (6 * _I.clamp(min=1))), 0).long()
+_SDIV32, _HDIV32 = _SDIV.int(), _HDIV.int()
 
 
 def rgb_to_hsv_u8(rgb: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, H, W]`` RGB -> uint8 HSV with H in [0, 180), bit-exact with cv2.COLOR_RGB2HSV."""
     if rgb.dtype != torch.uint8:
         raise ValueError(f"rgb_to_hsv_u8 expects uint8 frames; got {rgb.dtype}")
-    r, g, b = (rgb.select(-3, i).long() for i in range(3))
+    r, g, b = (rgb.select(-3, i) for i in range(3))
     v = torch.maximum(torch.maximum(r, g), b)
-    diff = v - torch.minimum(torch.minimum(r, g), b)
+    diff = (v - torch.minimum(torch.minimum(r, g), b)).long()
+    v_idx = v.long()
+    r, g, b = r.int(), g.int(), b.int()  # int32 is wide enough: |h * hdiv| < 2^28
     half = 1 << (_HSV_SHIFT - 1)
-    s = (diff * _SDIV.to(rgb.device)[v] + half) >> _HSV_SHIFT
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * _HDIV.to(rgb.device)[diff] + half) >> _HSV_SHIFT
+    s = (diff.int() * _SDIV32.to(rgb.device)[v_idx] + half) >> _HSV_SHIFT
+    d = diff.int()
+    h = torch.where(
+        v == rgb.select(-3, 0), g - b, torch.where(v == rgb.select(-3, 1), b - r + 2 * d, r - g + 4 * d)
+    )
+    h = (h * _HDIV32.to(rgb.device)[diff] + half) >> _HSV_SHIFT
     h = torch.where(h < 0, h + 180, h)
-    return torch.stack([h, s, v], dim=-3).to(torch.uint8)
+    return torch.stack([h.to(torch.uint8), s.to(torch.uint8), v], dim=-3)
 
 
 def similarity_size(height: int, width: int) -> tuple[int, int]:
     return smart_resize(height, width, min_pixels=SIMILARITY_MIN_PIXELS, max_pixels=SIMILARITY_MAX_PIXELS)
 
 
-def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of 28 x 28 patches whose HSV cosine exceeds 0.7 (``a``, ``b``: HSV ``[3, H, W]``)."""
+def _patch_vectors(hsv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSV ``[..., 3, H, W]`` -> unit patch vectors ``[..., h, w, 3 * 28 * 28]`` and their norms."""
     p = IMAGE_FACTOR
-    _, h, w = a.shape
-    pa, pb = (x.float().reshape(3, h // p, p, w // p, p).permute(1, 3, 0, 2, 4).reshape(h // p, w // p, -1)
-              for x in (a, b))  # fmt: skip
-    na = torch.norm(pa, p=2, dim=-1, keepdim=True) + 1e-8
-    nb = torch.norm(pb, p=2, dim=-1, keepdim=True) + 1e-8
-    cos = ((pa / na) * (pb / nb)).sum(dim=-1)
-    nonzero = ~((na.squeeze(-1) < 0.01) & (nb.squeeze(-1) < 0.01))
-    # A float32 mean compared against the threshold as keye-vl-utils does (0.9 itself counts as below).
-    return (cos[nonzero] > PATCH_SIMILARITY).float().mean().item()
+    *lead, _, h, w = hsv.shape
+    x = hsv.float().reshape(*lead, 3, h // p, p, w // p, p)
+    x = x.movedim(-5, -3).movedim(-3, -2).reshape(*lead, h // p, w // p, 3 * p * p)
+    norm = torch.norm(x, p=2, dim=-1, keepdim=True) + 1e-8
+    return x / norm, norm.squeeze(-1)
+
+
+def _similarities(
+    key: tuple[torch.Tensor, torch.Tensor], frames: tuple[torch.Tensor, torch.Tensor]
+) -> list[float]:
+    """Fraction of 28 x 28 patches whose HSV cosine exceeds 0.7, for each frame against ``key``.
+
+    Patches black in both frames are left out; keye-vl-utils takes a float32 mean and compares it
+    with the threshold, so 0.9 itself counts as below (NaN, all patches left out, as similar)."""
+    (kv, kn), (fv, fn) = key, frames
+    cos = (kv * fv).sum(dim=-1)
+    keep = ~((kn < 0.01) & (fn < 0.01))
+    similar = ((cos > PATCH_SIMILARITY) & keep).flatten(1).sum(-1).float()
+    return (similar / keep.flatten(1).sum(-1).float()).tolist()
+
+
+def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Patch similarity of two HSV ``[3, H, W]`` frames (see ``_similarities``)."""
+    va, na = _patch_vectors(a)
+    vb, nb = _patch_vectors(b[None])
+    return _similarities((va, na), (vb, nb))[0]
 
 
 class SlowFastTracker:
-    """Feed frames in order (uint8 ``[N, 3, H, W]`` chunks); collects ``True`` for slow frames."""
+    """Feed frames in order (uint8 ``[N, 3, H, W]`` chunks); collects ``True`` for slow frames.
+
+    Each pass scores all remaining frames of a chunk against the current slow frame at once and
+    jumps to the first one below the threshold (the window grows while none is), so a chunk costs a
+    few batched passes per slow frame."""
 
     def __init__(self, threshold: float = MIN_FRAME_SIMILARITY) -> None:
         self.threshold = threshold
         self.is_slow: list[bool] = []
-        self._key: torch.Tensor | None = None
+        self._key: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, frames: torch.Tensor) -> None:
         size = similarity_size(frames.shape[-2], frames.shape[-1])
         small = F.interpolate(frames, size=list(size), mode="bilinear", antialias=True)
-        for hsv in rgb_to_hsv_u8(small):
-            if self._key is None:
-                slow = True
+        vectors, norms = _patch_vectors(rgb_to_hsv_u8(small))
+        i = 0
+        if self._key is None:
+            self._key, i = (vectors[0], norms[0]), 1
+            self.is_slow.append(True)
+        window = 4
+        while i < len(vectors):
+            scores = _similarities(self._key, (vectors[i : i + window], norms[i : i + window]))
+            below = [j for j, s in enumerate(scores) if s < self.threshold]
+            step = below[0] if below else len(scores)
+            self.is_slow.extend([False] * step)
+            if below:
+                self._key = (vectors[i + step], norms[i + step])
+                self.is_slow.append(True)
+                window = 4
             else:
-                score = frame_similarity(self._key, hsv)
-                slow = score < self.threshold  # NaN (all-black patches) counts as similar
-            if slow:
-                self._key = hsv
-            self.is_slow.append(slow)
+                window *= 2  # a calm stretch: look further ahead per pass
+            i += step + (1 if below else 0)

@@ -73,14 +73,19 @@ NFRAMES = [
                 {"min_pixels": 128 * 28 * 28}, {"video_total_pixels": 8192 * 28 * 28, "fps": 3.0})
     for total, fps in [(40, 10.0), (300, 29.97), (90000, 25.0), (7, 30.0), (1000, 24.0), (216000, 60.0)]
 ]  # fmt: skip
+# name -> (frames spec, keye-vl-utils options); small total budgets keep the binding cases cheap to test.
 VIDEOS = {
-    "short": dict(height=144, width=192, fps=10.0, seconds=6.0, cuts=[2.0, 4.0]),
-    "exact_size": dict(height=168, width=224, fps=12.0, seconds=8.0, cuts=[2.0, 4.0]),
-    "budget_binds": dict(
-        height=504, width=672, fps=10.0, seconds=300.0, cuts=[2.0 * k for k in range(1, 150)]
+    "short": (dict(height=144, width=192, fps=10.0, seconds=6.0, cuts=[2.0, 4.0]), {}),
+    "exact_size": (dict(height=168, width=224, fps=12.0, seconds=8.0, cuts=[2.0, 4.0]), {}),
+    "portrait_large": (dict(height=1280, width=720, fps=5.0, seconds=20.0, cuts=[7.0]), {}),
+    "budget_binds": (
+        dict(height=336, width=448, fps=10.0, seconds=120.0, cuts=[2.0 * k for k in range(1, 60)]),
+        {"video_total_pixels": 16384 * 28 * 28},
     ),
-    "frame_cap": dict(height=144, width=192, fps=25.0, seconds=3600.0, cuts=[60.0 * k for k in range(1, 60)]),
-    "portrait_large": dict(height=1280, width=720, fps=5.0, seconds=20.0, cuts=[7.0]),
+    "frame_cap": (
+        dict(height=144, width=192, fps=25.0, seconds=3600.0, cuts=[60.0 * k for k in range(1, 60)]),
+        {"video_total_pixels": 8192 * 28 * 28, "fps": 1.0},
+    ),
 }
 
 
@@ -97,11 +102,12 @@ def main() -> None:
         [ele, total, fps, ref.smart_nframes(ele, total, fps)] for ele, total, fps in NFRAMES
     ]
     videos = {}
-    for name, spec in VIDEOS.items():
-        frames, kw = ref.fetch_video({"video": json.dumps(spec)})
+    for name, (spec, options) in VIDEOS.items():
+        frames, kw = ref.fetch_video({"video": json.dumps(spec), **options})
         indices = [int(np.asarray(media.sample_media.read_index(f.numpy()))) for f in frames]
         videos[name] = {
             "spec": spec,
+            "options": options,
             "indices": indices,
             "timestamps": [float(t) for t in kw["timestamps"].tolist()],
             "frame_types": [int(t) for t in kw["frame_types"].tolist()],
