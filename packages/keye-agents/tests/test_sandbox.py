@@ -227,3 +227,28 @@ def test_bad_arguments_are_named(tmp_path):
     if not ISOLATION:
         with Sandbox(tmp_path) as sb, pytest.raises(ValueError, match="timeout_s must be positive"):
             sb.run("1", timeout_s=0)
+
+
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_a_background_process_neither_delays_the_result_nor_outlives_the_run(
+    namespaces, monkeypatch, tmp_path
+):
+    if namespaces and ISOLATION:
+        pytest.skip(ISOLATION)
+    if not namespaces:
+        monkeypatch.setattr(sandbox_module, "_probe", lambda flags: "disabled for this test")
+    code = "import os\nif os.fork() == 0:\n    os.execv('/bin/sleep', ['sleep', '37'])\nprint('started')"
+    started = time.monotonic()
+    with Sandbox(tmp_path, limits=SMALL, network=not namespaces) as sb:
+        result = sb.run(code, timeout_s=20)
+    assert result.ok and result.stdout == "started\n", result
+    assert time.monotonic() - started < 10
+    time.sleep(0.2)
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p) == b"sleep\x0037\x00"]
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""

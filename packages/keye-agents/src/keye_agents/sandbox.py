@@ -326,13 +326,15 @@ class Sandbox:
                         key.data.add(data)
                     else:
                         self._pending += data
+                ended = False  # the reaper reported the cell runner's end: nothing more will come
                 for report in self._reports():
-                    if "exit_code" in report and "died" not in report:
-                        exit_code = report["exit_code"]
-                    else:
+                    if "died" in report:
                         exit_code, note = self._death(report, exit_code)
-                if exit_code is not None and self.persistent and not note:
-                    self._drain(sel)
+                        ended = True
+                    else:
+                        exit_code = report["exit_code"]
+                if ended or (exit_code is not None and self.persistent):
+                    self._drain(sel)  # what was written before the report, without waiting for more
                     break
                 if out.dropped + err.dropped > 64 * self.limits.max_output_bytes:
                     note = f"output limit exceeded ({self.limits.max_output_bytes} bytes kept per stream)"
