@@ -213,7 +213,8 @@ class Sandbox:
 
     def _config(self, request_fd: int, response_fd: int) -> dict:
         keep = {str(self.workspace), str(WORKER), sys.prefix, sys.base_prefix, sys.exec_prefix}
-        keep.add(os.path.realpath(self.python))
+        for exe in (self.python, os.path.realpath(self.python)):  # a venv's and its base install's root
+            keep.add(os.path.dirname(os.path.dirname(os.path.abspath(exe))))
         keep.update(p for p in sys.path if p and os.path.isdir(p))
         masks = [(m, mode) for m, mode in MASKED if os.path.isdir(m)] if self.prefix else []
         return {
