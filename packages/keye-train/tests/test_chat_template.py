@@ -99,6 +99,11 @@ def test_media_parts_become_pieces_in_order():
     media = [p for p in pieces if isinstance(p, MediaPiece)]
     assert [m.kind for m in media] == ["image", "video"] and media[1].part["fps"] == 1.0
     assert text(messages) == "<|im_start|>user\n<IMG>then<VID><|im_end|>\n"
+    openai = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,x"}}]}
+    ]
+    (piece,) = [p for p in render_chat(openai) if isinstance(p, MediaPiece)]
+    assert piece.kind == "image" and piece.part["image"] == "data:image/png;base64,x"
 
 
 @pytest.mark.parametrize(
@@ -108,7 +113,8 @@ def test_media_parts_become_pieces_in_order():
         ([{"role": "bot", "content": "x"}], r"messages\[0\] must be a dict with a role"),
         ([{"role": "assistant", "content": [{"type": "image", "image": "a"}]}], r"may hold only text"),
         ([{"role": "user", "content": [{"type": "audio"}]}], r"content\[0\] must be a dict with type"),
-        ([{"role": "user", "content": [{"type": "image"}]}], r"without a 'image' key"),
+        ([{"role": "user", "content": [{"type": "image"}]}], r"without a 'image' value"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"without a 'image' value"),
         ([{"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}], "needs a 'name'"),
     ],
 )

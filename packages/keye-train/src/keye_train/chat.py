@@ -8,7 +8,8 @@ keeps both facts exact; joining the pieces gives the same text as Qwen3's releas
 
 Messages use the OpenAI chat format. ``content`` is a string or a list of parts:
 ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <path | PIL | tensor>, ...options}``,
-``{"type": "video", "video": <path>, ...options}``.
+``{"type": "video", "video": <path>, ...options}``; OpenAI's ``{"type": "image_url", "image_url": {"url":
+...}}`` is read as an image (paths, ``file://`` and ``data:`` URLs).
 """
 
 from __future__ import annotations
@@ -64,14 +65,18 @@ def _parts(message: Mapping[str, Any], index: int) -> list[dict[str, Any]]:
     for j, part in enumerate(content):
         if isinstance(part, str):
             part = {"type": "text", "text": part}
+        if isinstance(part, Mapping) and part.get("type") == "image_url":  # the OpenAI form
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, Mapping) else url
+            part = {"type": "image", "image": url}
         if not isinstance(part, Mapping) or part.get("type") not in ("text", "image", "video"):
             raise ValueError(
-                f"messages[{index}].content[{j}] must be a dict with type 'text', 'image' or 'video'; "
-                f"got {part!r:.120}"
+                f"messages[{index}].content[{j}] must be a dict with type 'text', 'image', 'image_url' or "
+                f"'video'; got {part!r:.120}"
             )
-        if part["type"] != "text" and part["type"] not in part:
+        if part["type"] != "text" and part.get(part["type"]) is None:
             raise ValueError(
-                f"messages[{index}].content[{j}] is a {part['type']} part without a {part['type']!r} key"
+                f"messages[{index}].content[{j}] is a {part['type']} part without a {part['type']!r} value"
             )
         parts.append(dict(part))
     return parts
