@@ -75,6 +75,20 @@ def test_pad_counts_equal_the_vision_tower_output(model, processor, media):
     assert int((ids == processor.image_token_id).sum()) == int(enc.grid_thw[0].prod()) // 4
 
 
+@pytest.mark.parametrize(("width", "height", "seconds"), [(97, 451, 1.1), (1001, 59, 2.7), (255, 255, 0.9)])
+def test_pad_counts_for_more_odd_sizes_and_lengths(model, processor, tmp_path, width, height, seconds):
+    import sample_media
+
+    image = sample_media.write_image(tmp_path / "i.png", width, height, seed=2)
+    spec = sample_media.VideoSpec(seconds=seconds, fps=7.0, width=130, height=98)
+    video = sample_media.write_video(tmp_path / "v.mp4", spec)
+    enc = processor.encode_chat(chat({"image": str(image), "video": str(video)}))
+    is_pad = (enc.input_ids == processor.image_token_id) | (enc.input_ids == processor.video_token_id)
+    with torch.no_grad():
+        assert model.vision_embeddings(enc.pixel_values, enc.grid_thw).shape[0] == int(is_pad.sum())
+        model.embed(enc.input_ids[None], enc.pixel_values, enc.grid_thw)  # every run matches its item
+
+
 def test_mismatched_pad_counts_raise_instead_of_misaligning(model, processor, media):
     enc = processor.encode_chat(chat(media))
     ids = enc.input_ids[None]
