@@ -252,3 +252,23 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@isolated
+def test_the_code_cannot_undo_its_confinement(box):
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('umount', libc.umount2(b'/tmp', 0), ctypes.get_errno())\n"
+        "lines = open('/proc/self/status').read().splitlines()\n"
+        "status = dict(line.split(':\\t') for line in lines if ':\\t' in line)\n"
+        "root = status['Uid'].split()[0] == '0'\n"
+        "print('caps', status['CapEff'], status['CapBnd'] if root else 'not-root')\n"
+        "print('nnp', status['NoNewPrivs'])\n"
+    )
+    result = box.run(code, timeout_s=10)
+    assert result.ok, result
+    lines = result.stdout.splitlines()
+    assert lines[0] == "umount -1 1"  # EPERM
+    assert lines[1] in ("caps 0000000000000000 not-root", "caps 0000000000000000 0000000000000000")
+    assert lines[2] == "nnp 1"

@@ -62,14 +62,43 @@ def set_limits(cfg):
         resource.setrlimit(which, (soft, hard))
 
 
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
 def drop_privileges(uid, gid):
-    if uid is None:
-        return
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    if os.getuid() != uid or os.geteuid() != uid:
-        raise RuntimeError("could not drop privileges")
+    """As host root: become ``uid``/``gid``. In a user namespace (not root on the host) the code is root of
+    that namespace: drop every capability, also from the bounding set so that an exec cannot regain them,
+    so it cannot undo the masks or the mounts. Either way, setuid programs can never raise privileges."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        if os.getuid() != uid or os.geteuid() != uid:
+            raise RuntimeError("could not drop privileges")
+    else:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+        for cap in range(last + 1):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot drop capability {cap} from the bounding set")
+        header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # version 3: all sets empty
+        if libc.capset(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset failed")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
 
 
 def run_cell(code, namespace):
