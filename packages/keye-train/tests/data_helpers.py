@@ -46,3 +46,54 @@ def write_jsonl(path: Path, records: list) -> Path:
     lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def demo_data(folder: Path, train: int = 6) -> dict[str, Path]:
+    """A small temporal-grounding set in the layout the tiny configs read (``outputs/demo/data``)."""
+    import temporal_grounding
+
+    files = temporal_grounding.write_dataset(folder, train=train, val=2, test=2, seed=0)
+    return {**files, "_dir": folder}
+
+
+def stage_config(stage: str, data: dict[str, Path], out: Path, **changes) -> Path:
+    """The tiny config of ``stage`` pointed at ``data`` and ``out``, started from the tiny preset (no
+    earlier stage's export), with ``changes`` applied as dotted keys (``"trainer.max_steps": 4``)."""
+    import yaml
+
+    config = yaml.safe_load((CONFIGS / "tiny" / f"{stage}.yaml").read_text())
+    text = json.dumps(config)
+    text = text.replace(f"outputs/tiny/{stage}", str(out)).replace(
+        "outputs/demo/data/", str(data["_dir"]) + "/"
+    )
+    config = json.loads(text)
+    config["model"]["init_args"]["model"] = {"preset": "tiny"}
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("RichProgressBar")
+    ]
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["enable_model_summary"] = False
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = out / f"{stage}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(out: Path, column: str, version: str = "*") -> list[float]:
+    """One value per logged step of ``column`` from the CSV logger of a run in ``out``."""
+    import csv
+
+    rows = []
+    for path in sorted(out.glob(f"csv/version_{version}/metrics.csv")):
+        with path.open() as handle:
+            rows += [r for r in csv.DictReader(handle) if r.get(column)]
+    return [float(r[column]) for r in sorted(rows, key=lambda r: int(r["step"]))]

@@ -63,9 +63,9 @@ def test_state_dict_restarts_the_stream_mid_epoch(tmp_path):
     loader.batch_sampler.set_epoch(1)
     whole = [b["input_ids"] for b in loader]
     second = module()
-    second.load_state_dict({"epoch": 1, "consumed": 2, "seed": 0})
     second.setup("fit")
     loader = second.train_dataloader()
+    loader.load_state_dict({"epoch": 1, "consumed": 2, "seed": 0})  # what Lightning restores
     loader.batch_sampler.set_epoch(1)
     rest = [b["input_ids"] for b in loader]
     assert len(loader) == len(whole)  # Lightning still sees the whole epoch's length

@@ -110,3 +110,10 @@ def test_epochs_continue_the_stream_and_resume_exactly():
 def test_too_little_data_for_a_global_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         _sampler(samples_per_epoch=2, packs_per_batch=8, world_size=4)
+
+
+def test_evaluation_pads_by_wrapping_so_every_rank_gets_a_batch():
+    ranks = [_sampler(samples_per_epoch=4, world_size=4, rank=r, drop_last=False) for r in range(4)]
+    assert ranks[0].epoch_packs == 2 and all(len(r) == 1 for r in ranks)
+    seen = [list(r) for r in ranks]
+    assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1]  # wrapped around

@@ -3,12 +3,12 @@
 At ``setup`` every record is measured once (its token count; records may declare ``num_tokens`` to
 skip this), split across ranks and gathered. Bad and over-long records are excluded there and
 reported each epoch. The sampler then plans packs from the counts alone, so data order depends only on
-the seed, and the module's checkpoint state (epoch, batches consumed) restarts the stream mid-epoch.
+the seed, and the train loader's checkpoint state (epoch, batches consumed) restarts it mid-epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +113,6 @@ class KeyeDataModule(L.LightningDataModule):
         self._encoder = encoder
         self.plans: dict[str, Plan] = {}
         self.train_sampler: PackedBatchSampler | None = None
-        self._pending_state: dict[str, Any] | None = None
 
     @property
     def encoder(self) -> SampleEncoder:
@@ -148,18 +147,23 @@ class KeyeDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def _loader(self, plan: Plan, sampler: PackedBatchSampler) -> DataLoader:
-        return DataLoader(
-            plan.sources, batch_sampler=sampler, collate_fn=PackCollator(self.encoder),
-            num_workers=self.num_workers, persistent_workers=False,
-        )  # fmt: skip
+        options = {
+            "batch_sampler": sampler,
+            "collate_fn": PackCollator(self.encoder),
+            "num_workers": self.num_workers,
+        }
+        if sampler.follow_epochs:
+            return ResumableLoader(plan.sources, progress=self._consumed, **options)
+        return DataLoader(plan.sources, **options)
+
+    def _consumed(self) -> int:
+        """Batches of the current epoch that training has consumed (workers may have fetched more)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         plan = self._plan("train", self.train_sources)
         samples = self.samples_per_epoch or default_samples_per_epoch(plan.valid, plan.ratios)
         self.train_sampler = self._sampler(plan, samples, packs_per_batch=self.packs_per_batch)
-        if self._pending_state is not None:
-            self.train_sampler.load_state_dict(self._pending_state)
-            self._pending_state = None
         return self._loader(plan, self.train_sampler)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -168,15 +172,27 @@ class KeyeDataModule(L.LightningDataModule):
         plan = self._plan("val", self.val_sources)
         # every usable record once, in a fixed order: validation never depends on the epoch
         sizes = [len(v) for v in plan.valid]
-        sampler = self._sampler(plan, sum(sizes), ratios=sizes, follow_epochs=False)
+        sampler = self._sampler(plan, sum(sizes), ratios=sizes, follow_epochs=False, drop_last=False)
         return self._loader(plan, sampler)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the training stream stands: the epoch and how many of its batches were consumed."""
-        if self.train_sampler is None or self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return self.train_sampler.state_dict(consumed=progress.processed)
+        """The processor settings, so ``keye-train export`` can save the processor with the model.
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict) or None
+        (Where the data stream stands is the train loader's own state, which Lightning checkpoints.)
+        """
+        return {"processor": self.processor_path, "processor_options": self.processor_options}
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose state (epoch, batches consumed) Lightning saves in every checkpoint and
+    restores before iterating, so a resumed run continues the epoch's stream where it stopped."""
+
+    def __init__(self, *args: Any, progress: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict(consumed=self.progress())
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state_dict)

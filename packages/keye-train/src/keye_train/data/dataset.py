@@ -15,7 +15,7 @@ import torch
 
 from keye_train.data.records import JsonlFile, Record, RecordError
 
-Sample = Mapping[str, Any]
+Sample = Any  # what the encoder returns for one record (a mapping or, e.g., an EncodedChat)
 
 
 class SampleEncoder(Protocol):
@@ -45,8 +45,9 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-def num_tokens(sample: Sample) -> int:
-    return int(torch.as_tensor(sample["input_ids"]).numel())
+def num_tokens(sample: Any) -> int:
+    ids = sample["input_ids"] if isinstance(sample, Mapping) else sample.input_ids
+    return int(torch.as_tensor(ids).numel())
 
 
 class ChatSources(torch.utils.data.Dataset):

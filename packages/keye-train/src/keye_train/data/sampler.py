@@ -31,6 +31,7 @@ class PackedBatchSampler:
         world_size: int = 1,
         seed: int = 0,
         follow_epochs: bool = True,
+        drop_last: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size}")
@@ -40,7 +41,11 @@ class PackedBatchSampler:
         self.token_budget = token_budget
         self.packs_per_batch, self.rank, self.world_size, self.seed = packs_per_batch, rank, world_size, seed
         packs = epoch_pack_count(lengths, valid, ratios, token_budget, samples_per_epoch, seed)
-        self.batches_per_epoch = packs // (packs_per_batch * world_size)
+        group = packs_per_batch * world_size
+        # training drops the epoch's last partial global batch (the stream goes on); evaluation instead
+        # wraps around to its first packs, as DistributedSampler pads, so every rank gets a batch
+        self.epoch_packs = packs
+        self.batches_per_epoch = packs // group if drop_last else -(-packs // group)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"an epoch fills only {packs} packs of {token_budget} tokens, fewer than one global batch "
@@ -60,6 +65,9 @@ class PackedBatchSampler:
     def packs_of_epoch(self, epoch: int) -> Iterator[list[Item]]:
         per_epoch = self.batches_per_epoch * self.packs_per_batch * self.world_size
         stream = packed(mixed_items(self.valid, self.ratios, self.seed), self.lengths, self.token_budget)
+        if per_epoch > self.epoch_packs:  # evaluation, padded by wrapping around
+            first = list(itertools.islice(stream, self.epoch_packs))
+            return itertools.islice(itertools.cycle(first), per_epoch)
         return itertools.islice(stream, epoch * per_epoch, (epoch + 1) * per_epoch)
 
     def __iter__(self) -> Iterator[list[Item]]:

@@ -1,0 +1,64 @@
+"""A run killed mid-epoch resumes from its last checkpoint and reproduces the uninterrupted losses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data_helpers import demo_data, metrics, stage_config
+
+from keye_train.cli import lightning_cli
+
+pytest.importorskip("torchcodec")
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class KillAt(L.Callback):
+    """Dies right after optimizer step ``step``, before any checkpoint of that step is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+def run(config: Path, *, callbacks=(), ckpt_path=None):
+    cli = lightning_cli(["--config", str(config)], run=False)
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["keye-train"])
+    data = demo_data(tmp_path / "data")
+    # 6 samples of ~470 tokens, 2 per 1024-token pack: 3 steps per epoch; step 4 is inside epoch 1
+    options = {
+        "trainer.max_steps": 7, "data.num_workers": 1, "data.token_budget": 1024,
+        "trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"dirpath": None, "every_n_train_steps": 2, "save_last": True}}],
+    }  # fmt: skip
+    whole = tmp_path / "whole"
+    run(stage_config("stage2_sft", data, whole, **options))
+    expected = metrics(whole, "train/lm_loss")
+    assert len(expected) == 7
+
+    broken = tmp_path / "broken"
+    config = stage_config("stage2_sft", data, broken, **options)
+    with pytest.raises(Killed):
+        run(config, callbacks=[KillAt(5)])
+    last = next(broken.rglob("last.ckpt"))
+    run(config, ckpt_path=str(last))  # resumes at step 4: mid-epoch, with data, optimizer, schedule
+    killed, resumed = metrics(broken, "train/lm_loss", "0"), metrics(broken, "train/lm_loss", "1")
+    assert len(killed) >= 4 and killed == expected[: len(killed)]
+    # the resumed run restarts after step 4 (its checkpoint, inside epoch 1) and ends at step 7
+    assert resumed == expected[4:], (resumed, expected)
