@@ -33,6 +33,20 @@ def test_local_backend_passes_messages_tools_and_options_and_parses_calls():
     assert model.seen[1][1]["tools"] is None
 
 
+def test_local_backend_turns_openai_image_parts_into_keye_image_parts():
+    model = RecordingModel("A red square.")
+    url = "data:image/png;base64,iVBORw0KGgo="
+    message = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}],
+    }
+    LocalBackend(model).complete([{"role": "system", "content": "Be brief."}, message], [])
+    sent = model.seen[0][0]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert sent[1]["content"] == [{"type": "image", "image": url}, {"type": "text", "text": "?"}]
+    assert message["content"][0]["type"] == "image_url"  # the caller's messages are not modified
+
+
 def test_local_backend_refuses_a_model_without_chat():
     with pytest.raises(TypeError, match="needs a model with a chat"):
         LocalBackend(object())

@@ -1,5 +1,7 @@
 """The official ``openai`` client against ``keye-agents serve``, and keye-agents' own HTTP backend."""
 
+import base64
+import io
 import json
 import threading
 
@@ -116,6 +118,26 @@ def test_tool_results_round_trip_and_bad_requests_get_400(serve):
     assert [m.id for m in api.models.list()] == ["keye-test"]
 
 
+def test_content_parts_are_text_or_data_url_images_only(serve):
+    backend = ScriptedBackend(["A red square."])
+    api = client(serve(backend))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    content = [image, {"type": "text", "text": "What is it?"}]
+    response = api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": content}])
+    assert response.choices[0].message.content == "A red square."
+    assert backend.calls[0][0]["content"] == content
+    for bad, reason in [
+        ({"type": "image_url", "image_url": {"url": "/etc/passwd"}}, "images must be data:image"),
+        (
+            {"type": "image_url", "image_url": {"url": "https://example.org/a.png"}},
+            "images must be data:image",
+        ),
+        ({"type": "image", "image": "/etc/passwd"}, "expected a text or image_url part, got 'image'"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=reason):
+            api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": [bad]}])
+
+
 def test_backend_failure_is_a_500_with_the_reason(serve):
     with pytest.raises(openai.InternalServerError, match="only 0 replies"):
         client(serve(ScriptedBackend([]))).chat.completions.create(
@@ -220,6 +242,17 @@ def test_openai_client_against_the_tiny_local_model(serve):
     assert isinstance(choice.message.content, str | None)
     for tc in choice.message.tool_calls or []:
         assert tc.type == "function" and isinstance(json.loads(tc.function.arguments), dict)
+    assert seen == [TOOLS]  # the tools reached keye-train's chat template
+    image = pytest.importorskip("PIL.Image").new("RGB", (56, 56), (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "What colour is this?"},
+    ]
+    seeing = api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": content}])
+    assert seeing.choices[0].message.role == "assistant" and seeing.choices[0].finish_reason is not None
     chunks = list(
         api.chat.completions.create(
             model="keye-test", messages=[{"role": "user", "content": "hi"}], stream=True

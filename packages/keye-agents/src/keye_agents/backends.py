@@ -243,6 +243,23 @@ class ScriptedBackend:
         return Reply.from_text(text)
 
 
+def keye_parts(message: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI ``image_url`` content parts as keye-train image parts (a ``data:`` URL, ``file://`` or path;
+    keye-vision decodes them). Other messages pass unchanged."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    parts = []
+    for part in content:
+        if isinstance(part, Mapping) and part.get("type") == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, Mapping) else url
+            parts.append({"type": "image", "image": url})
+        else:
+            parts.append(part)
+    return {**message, "content": parts}
+
+
 class LocalBackend:
     """The Keye model in this process, through keye-train (``pip install 'keye-agents[local]'``).
 
@@ -297,7 +314,7 @@ class LocalBackend:
         kwargs = dict(self.generate)
         if self.processor is not None:
             kwargs["processor"] = self.processor
-        text = self.model.chat(list(messages), tools=list(tools) or None, **kwargs)
+        text = self.model.chat([keye_parts(m) for m in messages], tools=list(tools) or None, **kwargs)
         if on_text is not None:
             visible = VisibleText(on_text)
             visible.feed(text)

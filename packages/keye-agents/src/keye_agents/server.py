@@ -22,6 +22,26 @@ class RequestError(ValueError):
     """A client request that does not follow the chat-completions format."""
 
 
+def _check_parts(content: Any, n: int) -> None:
+    """Text and ``data:`` image URLs only: a client must never make the server read its own files or
+    fetch a URL on the client's behalf."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise RequestError(f"messages[{n}].content must be a string or a list of content parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            continue
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str) and url.startswith("data:image/"):
+                continue
+            raise RequestError(f"messages[{n}].content[{j}]: images must be data:image/...;base64 URLs")
+        raise RequestError(f"messages[{n}].content[{j}]: expected a text or image_url part, got {kind!r}")
+
+
 def _check_request(body: Any) -> tuple[list[dict], list[dict], bool]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -33,6 +53,7 @@ def _check_request(body: Any) -> tuple[list[dict], list[dict], bool]:
             raise RequestError(
                 f"messages[{n}].role must be system, user, assistant or tool, got {m.get('role')!r}"
             )
+        _check_parts(m.get("content"), n)
     tools = body.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, dict) and "function" in t for t in tools):
         raise RequestError("'tools' must be a list of {'type': 'function', 'function': {...}} objects")
