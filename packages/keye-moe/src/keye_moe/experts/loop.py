@@ -28,7 +28,7 @@ def loop_experts(
         gate, up = F.linear(hidden[tokens], gate_up_proj[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down_proj[e])
         w = topk_weights.reshape(-1)[slots]
-        out = out.index_add(0, tokens, y.float() * w.float()[:, None])
+        out.index_add_(0, tokens, y.float() * w.float()[:, None])
     return out.to(hidden.dtype)
 
 

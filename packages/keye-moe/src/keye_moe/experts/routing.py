@@ -27,7 +27,7 @@ def dispatch(topk_ids: torch.Tensor, num_experts: int) -> Dispatch:
 
 def combine(rows: torch.Tensor, d: Dispatch, topk_weights: torch.Tensor) -> torch.Tensor:
     """Un-sort expert outputs ``[N*K, H]`` and take the weighted sum over k, deterministically."""
-    return weighted_sum(rows.new_empty(rows.shape).index_copy(0, d.order, rows), topk_weights)
+    return weighted_sum(rows.new_empty(rows.shape).index_copy_(0, d.order, rows), topk_weights)
 
 
 def weighted_sum(flat: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
