@@ -173,6 +173,11 @@ def test_missing_indexers_start_fresh_and_say_so(saved, tmp_path, caplog):
     indexer = model.model.layers[0].self_attn.sa_indexer
     assert all(torch.isfinite(p).all() for p in indexer.parameters())
     assert torch.equal(indexer.k_norm.weight, torch.ones_like(indexer.k_norm.weight))  # a real init
+    # a checkpoint from before DSA: add indexers of another width through config_overrides
+    wider = {"text_config": {"sa_config": {"indexer_num_heads": 4, "indexer_head_dim": 8, "topk": 32}}}
+    grown = KeyeVLForConditionalGeneration.from_pretrained(ckpt, config_overrides=wider)
+    assert grown.load_report.fresh_indexers
+    assert grown.model.layers[1].self_attn.sa_indexer.k_proj.weight.shape[0] == 8
 
 
 def test_dense_attention_load_ignores_indexers(saved, batch):

@@ -48,3 +48,15 @@ def test_bad_configs_are_named():
         KeyeVLConfig.preset("tiny", video_token_id=KeyeVLConfig.preset("tiny").image_token_id)
     with pytest.raises(ValueError, match="no 'vision_config'"):
         KeyeVLConfig.from_hf_config({"hidden_size": 8})
+
+
+def test_nested_overrides_as_in_yaml():
+    config = KeyeVLConfig.preset(
+        "tiny", text_config={"num_hidden_layers": 3}, vision_config={"num_hidden_layers": 1}
+    )
+    assert config.text_config.num_hidden_layers == 3 and config.vision_config.num_hidden_layers == 1
+    assert config.text_config.hidden_size == KeyeVLConfig.preset("tiny").text_config.hidden_size
+    with pytest.raises(TypeError, match=r"no field\(s\) \['layers'\]"):
+        KeyeVLConfig.preset("tiny", layers=3)
+    with pytest.raises(TypeError, match="DecoderConfig has no field"):
+        KeyeVLConfig.preset("tiny", text_config={"nonsense": 1})

@@ -167,17 +167,22 @@ def load_pretrained(
     device: str | torch.device | None = None,
     strict: bool = True,
     attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ) -> KeyeVLForConditionalGeneration:
     """Build on the meta device, check every name and shape from the headers, materialize once, then
     copy each tensor straight into its parameter, shard by shard. ``attn_implementation`` picks the
     decoder's attention backend (default: ``dsa`` when the config has ``sa_config`` and keye-dsa is
-    installed); without an indexer-owning backend, ``sa_indexer`` tensors are ignored and listed."""
+    installed); without an indexer-owning backend, ``sa_indexer`` tensors are ignored and listed.
+    ``config_overrides`` change the checkpoint's config first (``KeyeVLConfig.replace`` arguments), e.g.
+    ``{"text_config": {"sa_config": {...}}}`` to add DSA indexers to a checkpoint trained without them."""
     from keye_train.config import KeyeVLConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; is it a Keye-VL checkpoint folder?")
     config = KeyeVLConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    if config_overrides:
+        config = config.replace(**config_overrides)
     if attn_implementation is not None:
         config.text_config = config.text_config.replace(attn_implementation=attn_implementation)
     files = checkpoint_files(path)

@@ -92,12 +92,24 @@ class KeyeVLConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> KeyeVLConfig:
-        """``tiny`` (CPU tests, the demo; matches the embedded tokenizer) or ``keye-vl-2.0-30b-a3b``."""
+        """``tiny`` (CPU tests, the demo; matches the embedded tokenizer) or ``keye-vl-2.0-30b-a3b``;
+        ``overrides`` as in ``replace``."""
         if name not in PRESETS:
             raise ValueError(f"unknown KeyeVLConfig preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-        return cls(**{**PRESETS[name](), **overrides})
+        return cls(**PRESETS[name]()).replace(**overrides)
 
     def replace(self, **changes: Any) -> KeyeVLConfig:
+        """A validated copy with fields changed. ``text_config`` and ``vision_config`` may be given as
+        dicts of the fields to change (``{"num_hidden_layers": 4}``), which suits YAML configs."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"KeyeVLConfig has no field(s) {sorted(unknown)}")
+        changes = dict(changes)
+        if isinstance(changes.get("text_config"), dict):
+            changes["text_config"] = self.text_config.replace(**changes["text_config"])
+        if isinstance(changes.get("vision_config"), dict):
+            vision = {**self.vision_config.to_dict(), **changes["vision_config"]}
+            changes["vision_config"] = type(self.vision_config)(**vision)
         return dataclasses.replace(copy.deepcopy(self), **changes)
 
     @property

@@ -204,14 +204,22 @@ class KeyeVLForConditionalGeneration(nn.Module):
         device: str | torch.device | None = None,
         strict: bool = True,
         attn_implementation: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
     ) -> KeyeVLForConditionalGeneration:
         """Load a composite checkpoint folder (DESIGN §7); ``model.load_report`` says what was loaded,
         ignored, missing (non-strict) and whether the DSA indexers started fresh. ``attn_implementation``
-        (``sdpa``, ``dsa``, ...) overrides the decoder's attention backend."""
+        (``sdpa``, ``dsa``, ...) overrides the decoder's attention backend; ``config_overrides`` change
+        the checkpoint's config (``KeyeVLConfig.replace`` arguments) before the model is built."""
         from keye_train.checkpoint import load_pretrained
 
         return load_pretrained(
-            cls, path, dtype=dtype, device=device, strict=strict, attn_implementation=attn_implementation
+            cls,
+            path,
+            dtype=dtype,
+            device=device,
+            strict=strict,
+            attn_implementation=attn_implementation,
+            config_overrides=config_overrides,
         )
 
     def save_pretrained(
