@@ -138,6 +138,26 @@ def test_content_parts_are_text_or_data_url_images_only(serve):
             api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": [bad]}])
 
 
+def test_an_api_key_is_required_when_set():
+    server = make_server(ScriptedBackend(["hello"]), port=0, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        messages = [{"role": "user", "content": "x"}]
+        wrong = openai.OpenAI(base_url=server.url, api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+            wrong.chat.completions.create(model="keye", messages=messages)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=server.url, api_key="s3cret", max_retries=0)
+        assert (
+            right.chat.completions.create(model="keye", messages=messages).choices[0].message.content
+            == "hello"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_backend_failure_is_a_500_with_the_reason(serve):
     with pytest.raises(openai.InternalServerError, match="only 0 replies"):
         client(serve(ScriptedBackend([]))).chat.completions.create(

@@ -118,7 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keye_agents.server import make_server
 
     backend = make_backend(args, load_plugins())
-    server = make_server(backend, args.host, args.port, args.served_model_name)
+    key = None
+    if args.require_key_env:
+        key = os.environ.get(args.require_key_env) or sys.exit(f"${args.require_key_env} is not set")
+    server = make_server(backend, args.host, args.port, args.served_model_name, key)
     print(f"serving {args.backend} as {args.served_model_name!r} at {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default="keye")
+    serve.add_argument("--require-key-env", help="environment variable holding the API key clients must send")
     serve.set_defaults(func=cmd_serve)
 
     tools = sub.add_parser("tools", help="list the tools the installed plugins provide")

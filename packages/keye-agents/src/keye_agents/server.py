@@ -7,6 +7,7 @@ Calls go through one lock because a local model is not safe to run from several 
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 import time
@@ -88,9 +89,10 @@ def completion(reply: Reply, model: str) -> dict[str, Any]:
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: Backend, model: str):
+    def __init__(self, address: tuple[str, int], backend: Backend, model: str, api_key: str | None = None):
         super().__init__(address, _Handler)
         self.backend, self.model, self.lock = backend, model, threading.Lock()
+        self.api_key = api_key
 
     @property
     def url(self) -> str:
@@ -116,7 +118,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, kind: str) -> None:
         self._json(status, {"error": {"message": message, "type": kind, "code": status}})
 
+    def _authorized(self) -> bool:
+        """With an API key set, every request must carry ``Authorization: Bearer <key>``."""
+        key = self.server.api_key
+        if key is None or hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {key}"):
+            return True
+        self._error(401, "missing or wrong API key", "invalid_api_key")
+        return False
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             self._json(
                 200,
@@ -129,12 +141,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self) -> None:
+        try:  # read the body first: an unread body would corrupt the next request on this connection
+            raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        except ValueError:
+            self._error(400, "bad Content-Length", "invalid_request_error")
+            return
+        if not self._authorized():
+            return
         if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
             self._error(404, f"no route {self.path}", "not_found")
             return
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            messages, tools, stream = _check_request(json.loads(self.rfile.read(length) or b"null"))
+            messages, tools, stream = _check_request(json.loads(raw or b"null"))
         except (ValueError, RequestError) as exc:
             self._error(400, str(exc), "invalid_request_error")
             return
@@ -187,7 +205,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(
-    backend: Backend, host: str = "127.0.0.1", port: int = 8000, model: str = "keye"
+    backend: Backend,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str = "keye",
+    api_key: str | None = None,
 ) -> ChatServer:
-    """A server bound to ``host:port`` (port 0 picks a free one); call ``serve_forever`` to run it."""
-    return ChatServer((host, port), backend, model)
+    """A server bound to ``host:port`` (port 0 picks a free one); call ``serve_forever`` to run it.
+    ``api_key`` makes every request prove it knows the key."""
+    return ChatServer((host, port), backend, model, api_key)
