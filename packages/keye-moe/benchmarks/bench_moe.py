@@ -50,6 +50,10 @@ def bench(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def num(row: dict, key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "n/a"
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     if not torch.isfinite(a).all():
@@ -95,7 +99,7 @@ def check_backends(table, shapes, dtype, results):
             except Exception as exc:  # a backend unsupported here must not hide the others
                 errs = {"error": f"{type(exc).__name__}: {exc}"}
             results.append({"check": label, "dtype": str(dtype), "backend": name, **errs})
-            print(f"check {label:<22} {str(dtype):<15} {name:<11} " + " ".join(
+            print(f"check {label:<22} {dtype!s:<15} {name:<11} " + " ".join(
                 f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()
             ), flush=True)  # fmt: skip
 
@@ -113,7 +117,8 @@ def hf_blocks(t, h, e, k, i, dtype):
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-        impls += [name for name in ("grouped_mm", "batched_mm") if name in ALL_EXPERTS_FUNCTIONS]
+        # batched_mm is left out: it materializes [T*K, 2I, H] weight copies (hundreds of GB here)
+        impls += [name for name in ("grouped_mm",) if name in ALL_EXPERTS_FUNCTIONS]
     except Exception:
         pass
     blocks = {}
@@ -146,18 +151,20 @@ def time_block(name, forward, params, x, grad, flops, results):
         row["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     results.append(row)
-    print(
-        f"block {name:<36} fwd {row.get('fwd_ms', float('nan')):8.3f} ms {row.get('fwd_tflops', float('nan')):7.1f} "
-        f"TFLOP/s | fwd+bwd {row.get('fwd_bwd_ms', float('nan')):8.3f} ms "
-        f"{row.get('fwd_bwd_tflops', float('nan')):7.1f} TFLOP/s {row.get('error', '')}",
-        flush=True,
-    )
+    fwd = f"{num(row, 'fwd_ms', '8.3f')} ms {num(row, 'fwd_tflops', '7.1f')} TFLOP/s"
+    both = f"{num(row, 'fwd_bwd_ms', '8.3f')} ms {num(row, 'fwd_bwd_tflops', '7.1f')} TFLOP/s"
+    print(f"block {name:<36} fwd {fwd} | fwd+bwd {both} {row.get('error', '')}", flush=True)
 
 
 def moe_block_bench(t, h, e, k, i, dtype, results, checks):
     torch.manual_seed(0)
     cfg = DecoderConfig.preset(
-        "tiny", hidden_size=h, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=i, norm_topk_prob=True
+        "tiny",
+        hidden_size=h,
+        num_experts=e,
+        num_experts_per_tok=k,
+        moe_intermediate_size=i,
+        norm_topk_prob=True,
     )
     table = _ExpertBackendTable()
     block = SparseMoeBlock(cfg, table).to(DEV)
@@ -188,12 +195,17 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
             what = ["out", "d_hidden", "d_router", "d_gate_up", "d_down"]
             errs = {w: rel(a, b) for w, a, b in zip(what, outs[name], outs["loop"])}
             checks.append({"check": f"block T={t}", "dtype": str(dtype), "backend": name, **errs})
-            print(f"check block T={t:<14} {str(dtype):<15} {name:<11} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+            print(
+                f"check block T={t:<14} {dtype!s:<15} {name:<11} "
+                + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
+            )
     del outs
 
     for name in ("loop", "grouped_mm", "triton"):
         block.implementation = name
-        time_block(f"keye-moe {name}", lambda inp: block(inp)[0], list(block.parameters()), x, grad, flops, results)
+        time_block(
+            f"keye-moe {name}", lambda inp: block(inp)[0], list(block.parameters()), x, grad, flops, results
+        )
     for name, hf in hf_blocks(t, h, e, k, i, dtype).items():
         with torch.no_grad():  # same weights and router as ours
             hf.gate.weight.copy_(block.gate.weight)
@@ -226,8 +238,12 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
 
             try:
                 ms = bench(gemms)
-                results.append({"name": "bare F.grouped_mm GEMMs", "fwd_ms": ms, "fwd_tflops": flops / ms / 1e9})
-                print(f"block {'bare F.grouped_mm GEMMs':<36} fwd {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
+                results.append(
+                    {"name": "bare F.grouped_mm GEMMs", "fwd_ms": ms, "fwd_tflops": flops / ms / 1e9}
+                )
+                print(
+                    f"block {'bare F.grouped_mm GEMMs':<36} fwd {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s"
+                )
             except Exception as exc:
                 print(f"bare grouped_mm failed: {exc}")
 
@@ -238,7 +254,11 @@ def decode_bench(preset, attn, layers, context, steps, batch, dtype, results, **
     row = {"name": label}
     try:
         cfg = DecoderConfig.preset(
-            preset, num_hidden_layers=layers, attn_implementation=attn, expert_implementation="auto", **overrides
+            preset,
+            num_hidden_layers=layers,
+            attn_implementation=attn,
+            expert_implementation="auto",
+            **overrides,
         )
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -271,8 +291,8 @@ def decode_bench(preset, attn, layers, context, steps, batch, dtype, results, **
         traceback.print_exc()
     results.append(row)
     print(
-        f"{label:<58} prefill {row.get('prefill_s', float('nan')):7.3f} s | step {row.get('step_ms', float('nan')):7.2f} ms "
-        f"| {row.get('tokens_per_s', float('nan')):8.1f} tok/s {row.get('error', '')}",
+        f"{label:<58} prefill {num(row, 'prefill_s', '7.3f')} s | step {num(row, 'step_ms', '7.2f')} ms "
+        f"| {num(row, 'tokens_per_s', '8.1f')} tok/s {row.get('error', '')}",
         flush=True,
     )
 
@@ -310,7 +330,14 @@ def main() -> None:
         t, h, e, k, i = 256, 64, 8, 2, 32
     else:
         t, h, e, k, i = 16384, 2048, 128, 8, 768
-    report["moe_shape"] = {"tokens": t, "hidden": h, "experts": e, "top_k": k, "expert_hidden": i, "dtype": str(dtype)}
+    report["moe_shape"] = {
+        "tokens": t,
+        "hidden": h,
+        "experts": e,
+        "top_k": k,
+        "expert_hidden": i,
+        "dtype": str(dtype),
+    }
     moe_block_bench(t, h, e, k, i, dtype, blocks, checks)
     print(f"[{time.perf_counter() - t0:.0f}s] MoE block done", flush=True)
     if not args.skip_decode:
@@ -325,7 +352,9 @@ def main() -> None:
             for batch in (1, 8):
                 decode_bench("qwen3-30b-a3b", "sdpa", batch=batch, results=decode, **kw)
                 if "dsa" in attention_backends():
-                    decode_bench("keye-vl-2.0-30b-a3b", "dsa", batch=batch, results=decode, mrope_section=None, **kw)
+                    decode_bench(
+                        "keye-vl-2.0-30b-a3b", "dsa", batch=batch, results=decode, mrope_section=None, **kw
+                    )
                 else:
                     print("decode with DSA skipped: keye-dsa's 'dsa' backend is not installed")
     report.update(checks=checks, moe_block=blocks, decode=decode, seconds=time.perf_counter() - t0)

@@ -29,8 +29,15 @@ def _grid(plan: Plan, n_out: int):
     return lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), plan.num_blocks)
 
 
+def _tune(plan: Plan) -> bool:
+    """Autotune only problems big enough to amortize it (training and prefill, not decoding)."""
+    return plan.num_blocks * plan.block_m >= 8192
+
+
 def _grouped_gemm(a, b, c, plan, *, n_out, k_red, stride_bk, stride_bn, a_by_slot, c_by_slot, gu=None):
-    K.grouped_gemm_kernel[_grid(plan, n_out)](
+    K.launch(
+        K.grouped_gemm_kernel,
+        _grid(plan, n_out),
         a,
         b,
         c,
@@ -51,6 +58,7 @@ def _grouped_gemm(a, b, c, plan, *, n_out, k_red, stride_bk, stride_bn, a_by_slo
         C_BY_SLOT=c_by_slot,
         SWIGLU_BWD=gu is not None,
         IEEE=a.dtype == torch.float32,
+        tune=_tune(plan),
     )
 
 
@@ -75,6 +83,7 @@ def _wgrad(left, right, out, plan, *, l_mode, r_mode):
         L_MODE=l_mode,
         R_MODE=r_mode,
         IEEE=left.dtype == torch.float32,
+        tune=_tune(plan),
     )
 
 
@@ -88,7 +97,9 @@ class TritonExpertsFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:3])
         act = hidden.new_empty(rows, i)
         gu = hidden.new_empty(rows, two_i) if needs_grad else act
-        K.gate_up_swiglu_kernel[_grid(plan, i)](
+        K.launch(
+            K.gate_up_swiglu_kernel,
+            _grid(plan, i),
             hidden,
             gate_up_proj,
             act,
@@ -107,6 +118,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             BLOCK_M=plan.block_m,
             STORE_PREACT=needs_grad,
             IEEE=hidden.dtype == torch.float32,
+            tune=_tune(plan),
         )
         y = hidden.new_empty(n * plan.top_k, h)
         _grouped_gemm(
