@@ -302,12 +302,28 @@ def sync():
         torch.cuda.synchronize()
 
 
+def ensure_plugins() -> None:
+    """Where the packages are only on PYTHONPATH (no entry points), register the plugins by hand."""
+    from keye_moe import builtin_plugin, registry
+
+    host = registry.plugin_host()
+    if "keye-moe" not in host.infos:
+        host.register(builtin_plugin, name="keye-moe")
+    if "keye-dsa" not in host.infos:
+        try:
+            import keye_dsa.plugin
+        except ImportError:
+            return
+        host.register(keye_dsa.plugin, name="keye-dsa")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script on the CPU")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
     parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
+    ensure_plugins()
     quick = args.quick or not CUDA
     dtype = torch.bfloat16 if CUDA else torch.float32
     report: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__}
