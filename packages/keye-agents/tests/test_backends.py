@@ -1,7 +1,7 @@
 import pytest
 
 from keye_agents import LocalBackend, ScriptedBackend
-from keye_agents.backends import BackendError, VisibleText
+from keye_agents.backends import BackendError, VisibleText, reply_from_message
 
 
 class RecordingModel:
@@ -78,3 +78,23 @@ def test_scripted_backend_from_file_validates(tmp_path):
         ScriptedBackend.from_file(str(bad))
     with pytest.raises(BackendError, match="only 0 replies"):
         ScriptedBackend([]).complete([], [])
+
+
+def test_text_tool_calls_from_a_server_without_a_tool_parser():
+    payload = {
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    "content": 'Sure.<tool_call>{"name": "f", "arguments": {}}</tool_call>',
+                },
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3},
+    }
+    reply = reply_from_message(payload)
+    assert (reply.content, reply.finish_reason, reply.usage) == ("Sure.", "tool_calls", {"prompt_tokens": 3})
+    assert [c.name for c in reply.tool_calls] == ["f"]
+    with pytest.raises(BackendError, match="malformed chat completion"):
+        reply_from_message({"choices": []})

@@ -35,10 +35,11 @@ class Reply:
     usage: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_text(cls, text: str, **extra: Any) -> Reply:
+    def from_text(cls, text: str, finish_reason: str = "stop") -> Reply:
+        """Parse Hermes tool calls out of model text; a turn with calls finishes with ``tool_calls``."""
         parsed = parse_tool_calls(text)
-        finish = "tool_calls" if parsed.tool_calls else extra.pop("finish_reason", "stop")
-        return cls(parsed.content, parsed.tool_calls, parsed.errors, finish, parsed.reasoning, **extra)
+        finish = "tool_calls" if parsed.tool_calls else finish_reason
+        return cls(parsed.content, parsed.tool_calls, parsed.errors, finish, parsed.reasoning)
 
 
 class Backend(Protocol):
