@@ -307,14 +307,14 @@ def ensure_plugins() -> None:
     from keye_moe import builtin_plugin, registry
 
     host = registry.plugin_host()
-    if "keye-moe" not in host.infos:
+    if not host.manager.is_registered(builtin_plugin):
         host.register(builtin_plugin, name="keye-moe")
-    if "keye-dsa" not in host.infos:
-        try:
-            import keye_dsa.plugin
-        except ImportError:
-            return
-        host.register(keye_dsa.plugin, name="keye-dsa")
+    try:
+        import keye_dsa.plugin
+    except ImportError:
+        return
+    if not host.manager.is_registered(keye_dsa.plugin):
+        host.register(keye_dsa.plugin, name="dsa")
 
 
 def main() -> None:
