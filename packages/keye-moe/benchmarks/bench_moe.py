@@ -354,7 +354,15 @@ def main() -> None:
         "expert_hidden": i,
         "dtype": str(dtype),
     }
+    report.update(checks=checks, moe_block=blocks, decode=decode)
+
+    def save() -> None:  # after every section, so a run cut short still leaves its numbers
+        report["seconds"] = time.perf_counter() - t0
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
     moe_block_bench(t, h, e, k, i, dtype, blocks, checks)
+    save()
     print(f"[{time.perf_counter() - t0:.0f}s] MoE block done", flush=True)
     if not args.skip_decode:
         if quick:
@@ -367,15 +375,14 @@ def main() -> None:
             kw = dict(layers=4, context=32768, steps=32, dtype=dtype)
             for batch in (1, 8):
                 decode_bench("qwen3-30b-a3b", "sdpa", batch=batch, results=decode, **kw)
+                save()
                 if "dsa" in attention_backends():
                     decode_bench(
                         "keye-vl-2.0-30b-a3b", "dsa", batch=batch, results=decode, mrope_section=None, **kw
                     )
                 else:
                     print("decode with DSA skipped: keye-dsa's 'dsa' backend is not installed")
-    report.update(checks=checks, moe_block=blocks, decode=decode, seconds=time.perf_counter() - t0)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    save()
     print(f"wrote {args.out} after {report['seconds']:.0f}s", file=sys.stderr)
 
 
