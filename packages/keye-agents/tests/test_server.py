@@ -232,6 +232,31 @@ def test_streamed_tool_call_arguments_arrive_in_pieces():
     assert reply.finish_reason == "tool_calls" and reply.usage == {"total_tokens": 9}
 
 
+def test_garbage_from_a_server_is_a_backend_error():
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Garbage(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "8")
+            self.end_headers()
+            self.wfile.write(b"not json")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}/v1", timeout_s=5)
+        with pytest.raises(BackendError, match="bad response from .*JSONDecodeError"):
+            backend.complete([{"role": "user", "content": "x"}], [])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_unreachable_server_is_a_backend_error():
     backend = OpenAIBackend("http://127.0.0.1:9/v1", timeout_s=2)
     with pytest.raises(BackendError, match="cannot reach"):

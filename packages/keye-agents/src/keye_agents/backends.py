@@ -14,7 +14,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from keye_agents.toolcalls import OPEN, ToolCall, ToolCallError, parse_tool_calls, to_text_messages
+from keye_agents.toolcalls import (
+    JSON_DECODER,
+    OPEN,
+    ToolCall,
+    ToolCallError,
+    new_call_id,
+    parse_tool_calls,
+    to_text_messages,
+)
 
 OnText = Callable[[str], None]
 
@@ -120,10 +128,13 @@ class OpenAIBackend:
             raise BackendError(f"{self.url} answered HTTP {exc.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise BackendError(f"cannot reach {self.url}: {exc}") from None
-        with response:
-            if on_text is None:
-                return reply_from_message(json.load(response))
-            return reply_from_stream(_sse_events(response), on_text)
+        try:
+            with response:
+                if on_text is None:
+                    return reply_from_message(json.load(response))
+                return reply_from_stream(_sse_events(response), on_text)
+        except (ValueError, OSError) as exc:  # invalid JSON, a broken stream, a read timeout
+            raise BackendError(f"bad response from {self.url}: {type(exc).__name__}: {exc}") from None
 
 
 def _sse_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
@@ -143,13 +154,13 @@ def _native_calls(raw_calls: Iterable[Mapping[str, Any]]) -> tuple[list[ToolCall
         fn = raw.get("function") or {}
         name, args = fn.get("name") or "", fn.get("arguments") or "{}"
         try:
-            parsed = json.loads(args) if isinstance(args, str) else args
+            parsed = JSON_DECODER.decode(args) if isinstance(args, str) else args
             if not isinstance(parsed, dict):
                 raise ValueError(f"arguments must be a JSON object, got {type(parsed).__name__}")
             if not name:
                 raise ValueError("the call has no function name")
-            calls.append(ToolCall(name, parsed, id=raw.get("id") or ToolCall(name, {}).id))
-        except ValueError as exc:
+            calls.append(ToolCall(name, parsed, id=raw.get("id") or new_call_id()))
+        except (ValueError, RecursionError) as exc:
             errors.append(ToolCallError(raw=f"{name}({args})", message=f"tool call {name!r}: {exc}"))
     return calls, errors
 

@@ -17,7 +17,7 @@ from typing import Any
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 THINK_CLOSE = "</think>"
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*(.*?)\s*```$", re.DOTALL)
-_DECODER = json.JSONDecoder(strict=False)  # models often put raw newlines inside strings
+JSON_DECODER = json.JSONDecoder(strict=False)  # models often put raw newlines inside strings
 
 
 def new_call_id() -> str:
@@ -67,7 +67,7 @@ def _call_from_object(obj: Any) -> ToolCall:
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models double-encode the arguments
         try:
-            args = _DECODER.decode(args) if args.strip() else {}
+            args = JSON_DECODER.decode(args) if args.strip() else {}
         except (ValueError, RecursionError) as exc:
             raise ValueError(f'"arguments" of {name!r} is a string that is not valid JSON: {exc}') from None
     if args is None:
@@ -85,7 +85,7 @@ def _parse_body(body: str) -> ToolCall:
     if not text:
         raise ValueError("the <tool_call> block is empty")
     try:
-        obj = _DECODER.decode(text)
+        obj = JSON_DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"the <tool_call> body is not valid JSON ({exc})") from None
     return _call_from_object(obj)
@@ -142,7 +142,7 @@ def _decode_in_place(text: str, pos: int) -> tuple[ToolCall | None, int]:
     """Decode a JSON object at ``pos`` that is followed by the closing tag or the end of the text."""
     start = _skip_ws(text, pos)
     try:
-        obj, end = _DECODER.raw_decode(text, start)
+        obj, end = JSON_DECODER.raw_decode(text, start)
     except (ValueError, RecursionError):
         return None, pos
     after = _skip_ws(text, end)
