@@ -158,11 +158,17 @@ def test_an_api_key_is_required_when_set():
         server.server_close()
 
 
-def test_backend_failure_is_a_500_with_the_reason(serve):
+def test_backend_failure_is_a_500_with_the_reason_streamed_or_not(serve):
+    api = client(serve(ScriptedBackend([])))
     with pytest.raises(openai.InternalServerError, match="only 0 replies"):
-        client(serve(ScriptedBackend([]))).chat.completions.create(
-            model="keye-test", messages=[{"role": "user", "content": "x"}]
+        api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.APIError, match="only 0 replies"):
+        list(
+            api.chat.completions.create(
+                model="keye-test", messages=[{"role": "user", "content": "x"}], stream=True
+            )
         )
+    assert [m.id for m in api.models.list()] == ["keye-test"]  # still serving
 
 
 @pytest.mark.parametrize("stream", [False, True])

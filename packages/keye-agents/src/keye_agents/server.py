@@ -164,8 +164,12 @@ class _Handler(BaseHTTPRequestHandler):
                     reply = self.server.backend.complete(messages, tools)
                 self._json(200, completion(reply, self.server.model))
         except Exception as exc:  # the client gets the reason; the server keeps serving
+            error = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error", "code": 500}
             if not getattr(self, "_streaming", False):
-                self._error(500, f"{type(exc).__name__}: {exc}", "server_error")
+                self._json(500, {"error": error})
+            else:  # headers are gone: end the stream with an error event, as OpenAI's servers do
+                self._chunk(f"data: {json.dumps({'error': error})}\n\n".encode())
+                self._chunk(b"")
 
     def _stream(self, messages: list[dict], tools: list[dict]) -> None:
         cid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), self.server.model
