@@ -235,6 +235,8 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
     add("indexer + top-k", t, sel_ms, vs_dense_cudnn_fwd=sel_ms / peer_f if peer_f else float("nan"),
         TFLOPs=idx_flops / sel_ms / 1e9, TBps=idx_bytes / sel_ms / 1e9)  # fmt: skip
     save(path)
+    if dev == "cuda":
+        stage_breakdown(qi, ki, w, topk, t, reps)
     k_eff = min(topk, t)
     fwd_bytes = t * hkv * k_eff * d * 2 * 2 + 2 * t * hq * d * 2 + t * topk * 4
     bwd_bytes = t * hkv * k_eff * d * (2 * 2 + 2 * 4) + 4 * t * hq * d * 2 + t * topk * 4
@@ -266,6 +268,21 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
         RESULTS["timings"].append({"case": "peak memory GiB", "T": t, "ms": float("nan"),
                                    "GiB": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
         torch.cuda.reset_peak_memory_stats()
+
+
+def stage_breakdown(qi, ki, w, topk, t, reps) -> None:
+    """Times the last (longest) query chunk of ``select_topk`` with and without the radix select."""
+    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
+
+    rows = min(t, chunk_rows(1, t))
+    c0 = t - rows
+    out = torch.empty(1, rows, topk, dtype=torch.int32, device=qi.device)
+    lo = torch.zeros(1, rows, dtype=torch.int32, device=qi.device)
+    hi = torch.arange(c0, t, dtype=torch.int32, device=qi.device)[None]
+    args = (qi[:, c0:], ki, w[:, c0:], lo, hi, lo, out, 0, t)
+    full = timed(lambda: topk_chunk(*args), reps)
+    scores = timed(lambda: topk_chunk(*args, select=False), reps)
+    add("last chunk: scores + select", t, full, rows=rows, score_ms=scores, select_ms=full - scores)
 
 
 def bench_decode(dev: str, smoke: bool, reps: int) -> None:
@@ -309,8 +326,8 @@ def sweep_launch(dev: str, t: int = 32768) -> None:
     idx = random_indices(t, 2048, dev)
     log(f"launch sweep at T={t}:")
     for name, table, options in (
-        ("fwd", tk.FWD_LAUNCH, [(64, 8, 2), (32, 4, 2), (64, 4, 3), (128, 8, 2)]),
-        ("bwd", tk.BWD_LAUNCH, [(32, 8, 1), (32, 4, 1), (64, 8, 1), (16, 4, 2)]),
+        ("fwd", tk.FWD_LAUNCH, [(32, 4, 2), (32, 4, 3), (16, 4, 2), (32, 2, 2), (64, 4, 2)]),
+        ("bwd", tk.BWD_LAUNCH, [(32, 4, 1), (32, 4, 2), (16, 2, 1), (16, 4, 1), (64, 4, 1)]),
     ):
         best = None
         for block_n, warps, stages in options:

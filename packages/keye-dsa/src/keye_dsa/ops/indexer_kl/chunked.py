@@ -29,7 +29,7 @@ def _chunk_logits(qi, ki, w, indices, key_start, q_offset):
     compute = torch.promote_types(qi.dtype, torch.float32)
     ok = indices >= 0
     rows = torch.arange(qi.shape[0], device=qi.device)[:, None, None]
-    ki_sel = ki[rows, indices.long().clamp_min(0)].to(compute)  # [B,Tc,K,DI]
+    ki_sel = ki.to(compute)[rows, indices.long().clamp_min(0)]  # [B,Tc,K,DI], fp32 accumulation
     dots = torch.einsum("bthd,btkd->bthk", qi.to(compute), ki_sel).relu()
     logits = torch.einsum("bthk,bth->btk", dots, w.to(compute)) * qi.shape[-1] ** -0.5
     return logits.masked_fill(~ok, float("-inf"))

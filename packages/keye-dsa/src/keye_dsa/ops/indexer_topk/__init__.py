@@ -74,28 +74,26 @@ def select_topk(
         return select_topk_reference(q_index, k_index, weights, topk, key_start=key_start)
     from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
 
-    out = torch.empty(batch, t, topk, dtype=torch.int32, device=q_index.device)
-    starts = [0] * batch if key_start is None else [int(x) for x in key_start.tolist()]
-    rows = chunk_rows(s)
+    dev = q_index.device
+    out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
+    starts = torch.zeros(batch, dtype=torch.int32, device=dev) if key_start is None else key_start.to(dev)
+    rows = chunk_rows(batch, s)
     q_index, k_index, weights = (x.contiguous() for x in (q_index, k_index, weights))
-    for b in range(batch):
-        for c0 in range(0, t, rows):
-            c1 = min(t, c0 + rows)
-            n = c1 - c0
-            lo = torch.full((n,), starts[b], dtype=torch.int32, device=q_index.device)
-            hi = torch.arange(c0, c1, dtype=torch.int32, device=q_index.device) + (s - t)
-            base = torch.zeros_like(lo)
-            topk_chunk(
-                q_index[b, c0:c1],
-                k_index[b],
-                weights[b, c0:c1],
-                lo,
-                hi,
-                base,
-                out[b, c0:c1],
-                starts[b],
-                c1 + s - t,
-            )
+    for c0 in range(0, t, rows):
+        c1 = min(t, c0 + rows)
+        lo = starts.to(torch.int32)[:, None].expand(batch, c1 - c0)
+        hi = (torch.arange(c0, c1, dtype=torch.int32, device=dev) + (s - t))[None].expand(batch, c1 - c0)
+        topk_chunk(
+            q_index[:, c0:c1],
+            k_index,
+            weights[:, c0:c1],
+            lo,
+            hi,
+            torch.zeros_like(lo),
+            out[:, c0:c1],
+            0,
+            c1 + s - t,
+        )
     return out
 
 
@@ -117,13 +115,23 @@ def _select_packed(q, k, w, topk, cu_seqlens):
     from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
 
     q, k, w = (x.contiguous() for x in (q, k, w))
-    out = torch.empty(q.shape[0], topk, dtype=torch.int32, device=q.device)
-    lo_all = starts.to(torch.int32)
-    hi_all = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
-    rows = chunk_rows(longest)
+    out = torch.empty(1, q.shape[0], topk, dtype=torch.int32, device=q.device)
+    lo_all = starts.to(torch.int32)[None]
+    hi_all = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[None]
+    rows = chunk_rows(1, longest)
     starts_host = starts.tolist()
     for c0 in range(0, q.shape[0], rows):
         c1 = min(q.shape[0], c0 + rows)
-        k0 = starts_host[c0]
-        topk_chunk(q[c0:c1], k, w[c0:c1], lo_all[c0:c1], hi_all[c0:c1], lo_all[c0:c1], out[c0:c1], k0, c1)
-    return out
+        lo = lo_all[:, c0:c1]
+        topk_chunk(
+            q[None, c0:c1],
+            k[None],
+            w[None, c0:c1],
+            lo,
+            hi_all[:, c0:c1],
+            lo,
+            out[:, c0:c1],
+            starts_host[c0],
+            c1,
+        )
+    return out[0]

@@ -1,18 +1,22 @@
 """Triton Lightning-Indexer scoring and exact top-k, chunked over queries (DESIGN §4).
 
-No ``L x L`` score matrix ever exists: queries are processed ``chunk`` rows at a time (about 1 GiB of
-fp32 scores per chunk whatever the length), in two kernels per chunk:
+No ``L x L`` score matrix ever exists: queries are processed a chunk at a time (about 1 GiB of fp32
+scores per chunk whatever the length), with these launches per chunk:
 
 1. ``_index_scores``: one tensor-core product per (query tile x key tile) with the ``H`` index heads of
    ``BLOCK_T`` queries stacked as ``BLOCK_T * H`` MMA rows, then ReLU, the per-head gate and the sum over
    heads. Tiles entirely past the causal edge are skipped (never read later).
-2. ``_radix_topk``: one program per query row finds the exact k-th largest score by a 4-pass radix
-   select over the order-preserving uint32 image of the fp32 scores (8 bits a pass, ``tl.histogram``),
-   then writes every key above the threshold and, in key order, as many ties as still fit. Rows that
-   see at most ``topk`` keys skip the selection and take every visible key.
+2. Exact radix select of each row's k-th largest score over the order-preserving uint32 image of the
+   fp32 scores, 8 bits a pass. Each row is split into segments handled by separate programs, so a
+   handful of long rows (decoding) still fills the GPU: ``_radix_hist`` (4 launches) adds each
+   segment's digit histogram into the row's histogram with atomics; every program replays the
+   finished passes (``_replay``) to know the prefix so far. ``_radix_count`` counts each segment's keys
+   above and equal to the threshold, an exclusive prefix sum over segments gives each segment its
+   output offsets, and ``_radix_write`` writes the keys above the threshold and, in key order, as many
+   ties as still fit. Rows that see at most ``topk`` keys skip the selection and take every visible key.
 
-Selection is exact: the kernel and ``torch.topk`` agree on the selected score values; among equal
-scores (e.g. several exact zeros after ReLU) the kernel keeps the lowest key positions.
+Selection is exact and deterministic: among equal scores (e.g. exact zeros after ReLU) the lowest key
+positions win, the rule of the reference (a stable sort), so both return the same index sets.
 """
 
 from __future__ import annotations
@@ -29,13 +33,20 @@ SCORE_BYTES_PER_CHUNK = 1 << 30
 @triton.jit
 def _index_scores(
     Q, K, W, S, LO, HI,
-    sqt, sqh, sks, swt, sst,
+    sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    W += b * swb
+    S += b * ssb
+    LO += b * n_rows
+    HI += b * n_rows
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n_rows
     hi = tl.load(HI + t, mask=t_ok, other=-1)
@@ -81,90 +92,156 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _radix_topk(
-    S, LO, HI, BASE, OUT, sst, sot, k0, TOPK, BLOCK: tl.constexpr,
+def _replay(HIST, TOPK, PASSES: tl.constexpr):
+    """Threshold prefix, its bit mask, and how many keys equal to the threshold to take, after
+    ``PASSES`` finished 8-bit passes whose histograms are at ``HIST``."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([1], tl.uint32)
+    pmask = tl.zeros([1], tl.uint32)
+    need = tl.full([1], TOPK, tl.int32)
+    for p in tl.static_range(PASSES):
+        hist = tl.load(HIST + p * 256 + bins)
+        at_or_above = tl.cumsum(hist, 0, reverse=True)
+        digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
+        need = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
+        prefix = prefix | (digit.to(tl.uint32) << (24 - 8 * p))
+        pmask = pmask | (tl.full([1], 255, tl.uint32) << (24 - 8 * p))
+    return prefix, pmask, need
+
+
+@triton.jit
+def _radix_hist(S, LO, HI, HIST, sst, TOPK, SEG, PASS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    lo = tl.load(LO + row)
+    hi = tl.load(HI + row)
+    begin = lo + tl.program_id(1) * SEG
+    if (hi - lo + 1 > TOPK) & (begin <= hi):
+        hist_row = HIST + row.to(tl.int64) * 1024
+        prefix, pmask, _ = _replay(hist_row, TOPK, PASS)
+        scores = S + row.to(tl.int64) * sst
+        end = tl.minimum(begin + SEG, hi + 1)
+        hist = tl.zeros([256], tl.int32)
+        for s0 in range(begin, end, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
+            match = (s < end) & ((key & pmask) == prefix)
+            hist += tl.histogram(((key >> (24 - 8 * PASS)) & 255).to(tl.int32), 256, mask=match)
+        tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+
+@triton.jit
+def _radix_count(S, LO, HI, HIST, COUNTS, sst, TOPK, SEG, NSEG, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    lo = tl.load(LO + row)
+    hi = tl.load(HI + row)
+    begin = lo + seg * SEG
+    if (hi - lo + 1 > TOPK) & (begin <= hi):
+        threshold, _, _ = _replay(HIST + row.to(tl.int64) * 1024, TOPK, 4)
+        scores = S + row.to(tl.int64) * sst
+        end = tl.minimum(begin + SEG, hi + 1)
+        n_gt = tl.zeros([1], tl.int32)
+        n_eq = tl.zeros([1], tl.int32)
+        for s0 in range(begin, end, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
+            n_gt += tl.sum(((s < end) & (key > threshold)).to(tl.int32), 0)
+            n_eq += tl.sum(((s < end) & (key == threshold)).to(tl.int32), 0)
+        out = COUNTS + (row.to(tl.int64) * NSEG + seg) * 2
+        tl.store(out + tl.arange(0, 1), n_gt)
+        tl.store(out + 1 + tl.arange(0, 1), n_eq)
+
+
+@triton.jit
+def _radix_write(
+    S, LO, HI, BASE, HIST, OFFSETS, OUT, sst, sob, sot, NR, k0, TOPK, SEG, NSEG, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    scores = S + row.to(tl.int64) * sst
-    out = OUT + row.to(tl.int64) * sot
+    seg = tl.program_id(1)
     lo = tl.load(LO + row)
     hi = tl.load(HI + row)
     shift_out = k0 - tl.load(BASE + row)
+    out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
     n = hi - lo + 1
     offs = tl.arange(0, BLOCK)
-    if n <= TOPK:
-        for j0 in range(0, TOPK, BLOCK):
+    if n <= TOPK:  # every visible key, then -1 padding; segment ``seg`` covers output slots of its range
+        for j0 in range(seg * SEG, tl.minimum(seg * SEG + SEG, TOPK), BLOCK):
             j = j0 + offs
-            tl.store(out + j, tl.where(j < n, lo + j + shift_out, -1), mask=j < TOPK)
+            tl.store(
+                out + j, tl.where(j < n, lo + j + shift_out, -1), mask=(j < TOPK) & (j < seg * SEG + SEG)
+            )
     else:
-        prefix = tl.zeros([1], tl.uint32)
-        pmask = tl.zeros([1], tl.uint32)
-        need = tl.full([1], TOPK, tl.int32)  # how many still to take among keys matching the prefix
-        bins = tl.arange(0, 256)
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            hist = tl.zeros([256], tl.int32)
-            for s0 in range(lo, hi + 1, BLOCK):
+        begin = lo + seg * SEG
+        if begin <= hi:
+            threshold, _, need = _replay(HIST + row.to(tl.int64) * 1024, TOPK, 4)
+            n_above = TOPK - need  # keys strictly above the threshold go first, ties after them
+            base = OFFSETS + (row.to(tl.int64) * NSEG + seg) * 2
+            taken_gt = tl.load(base + tl.arange(0, 1))
+            taken_eq = tl.load(base + 1 + tl.arange(0, 1))
+            scores = S + row.to(tl.int64) * sst
+            end = tl.minimum(begin + SEG, hi + 1)
+            for s0 in range(begin, end, BLOCK):
                 s = s0 + offs
-                key = _ordered_key(tl.load(scores + s, mask=s <= hi, other=0.0))
-                match = (s <= hi) & ((key & pmask) == prefix)
-                hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-            at_or_above = tl.cumsum(hist, 0, reverse=True)
-            digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
-            above = tl.sum(tl.where(bins > digit, hist, 0), 0)
-            need = need - above
-            prefix = prefix | (digit.to(tl.uint32) << shift)
-            pmask = pmask | (tl.full([1], 255, tl.uint32) << shift)
-        n_above = TOPK - need  # keys strictly above the threshold go first, ties after them
-        taken_gt = tl.zeros([1], tl.int32)
-        taken_eq = tl.zeros([1], tl.int32)
-        for s0 in range(lo, hi + 1, BLOCK):
-            s = s0 + offs
-            key = _ordered_key(tl.load(scores + s, mask=s <= hi, other=0.0))
-            gt = (s <= hi) & (key > prefix)
-            eq = (s <= hi) & (key == prefix)
-            pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
-            pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(out + pos_gt, s + shift_out, mask=gt)
-            tl.store(out + n_above + pos_eq, s + shift_out, mask=eq & (pos_eq < need))
-            taken_gt += tl.sum(gt.to(tl.int32), 0)
-            taken_eq += tl.sum(eq.to(tl.int32), 0)
+                key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
+                gt = (s < end) & (key > threshold)
+                eq = (s < end) & (key == threshold)
+                pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
+                pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+                tl.store(out + pos_gt, s + shift_out, mask=gt)
+                tl.store(out + n_above + pos_eq, s + shift_out, mask=eq & (pos_eq < need))
+                taken_gt += tl.sum(gt.to(tl.int32), 0)
+                taken_eq += tl.sum(eq.to(tl.int32), 0)
 
 
 def topk_chunk(
-    q: torch.Tensor,  # [T, H, D] queries of one chunk (one batch row, or a packed chunk)
-    k: torch.Tensor,  # [S, D]
-    w: torch.Tensor,  # [T, H]
-    lo: torch.Tensor,  # [T] int32: first visible key of each query (absolute in k)
-    hi: torch.Tensor,  # [T] int32: last visible key of each query (absolute in k)
-    base: torch.Tensor,  # [T] int32: subtracted from the written positions (sequence start, or 0)
-    out: torch.Tensor,  # [T, topk] int32 view to fill
-    k0: int,  # first key of the window this chunk may see
-    k1: int,  # one past its last key
+    q: torch.Tensor,  # [B, Tc, H, D]: the queries of one chunk
+    k: torch.Tensor,  # [B, S, D]
+    w: torch.Tensor,  # [B, Tc, H]
+    lo: torch.Tensor,  # [B, Tc] int32: first visible key of each query (position in k)
+    hi: torch.Tensor,  # [B, Tc] int32: last visible key of each query
+    base: torch.Tensor,  # [B, Tc] int32: subtracted from the written positions (sequence start, or 0)
+    out: torch.Tensor,  # [B, Tc, topk] int32 (may be a slice of a longer output)
+    k0: int,  # first key any query of the chunk may see
+    k1: int,  # one past the last
+    select: bool = True,  # False: scores only (the benchmark times the two stages apart)
 ) -> None:
-    rows, heads, dim = q.shape
-    topk = out.shape[1]
+    batch, rows, heads, dim = q.shape
+    topk = out.shape[2]
     width = k1 - k0
-    scores = torch.empty(rows, width, device=q.device, dtype=torch.float32)
-    lo_w, hi_w = (lo - k0).contiguous(), (hi - k0).contiguous()
-    block_t, block_s = (16, 16) if q.device.type == "cpu" else (32, 128)
+    gpu = q.device.type != "cpu"
+    scores = torch.empty(batch, rows, width, device=q.device, dtype=torch.float32)
+    lo_w, hi_w = (lo - k0).to(torch.int32).contiguous(), (hi - k0).to(torch.int32).contiguous()
     block_h = triton.next_power_of_2(heads)
-    block_t = max(block_t, 16 // block_h if block_h < 16 else 1)
-    block_d = min(64, triton.next_power_of_2(dim)) if q.device.type != "cpu" else triton.next_power_of_2(dim)
-    grid = (triton.cdiv(rows, block_t), triton.cdiv(width, block_s))
-    _index_scores[grid](
+    block_t, block_s = (32, 128) if gpu else (max(4, 16 // block_h), 16)
+    block_d = min(64, triton.next_power_of_2(dim)) if gpu else triton.next_power_of_2(dim)
+    _index_scores[(triton.cdiv(rows, block_t), triton.cdiv(width, block_s), batch)](
         q, k, w, scores, lo_w, hi_w,
-        q.stride(0), q.stride(1), k.stride(0), w.stride(0), scores.stride(0),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+        scores.stride(0), scores.stride(1),
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        **dot_flags(q.dtype), num_warps=8 if q.device.type != "cpu" else 4, num_stages=3,
+        **dot_flags(q.dtype), num_warps=8 if gpu else 4, num_stages=3,
     )  # fmt: skip
-    block = 1024 if q.device.type != "cpu" else 64
-    _radix_topk[(rows,)](
-        scores, lo_w, hi_w, base.contiguous(), out, scores.stride(0), out.stride(0), k0, topk,
-        BLOCK=block, num_warps=8 if q.device.type != "cpu" else 4,
+    if not select:
+        return
+    flat = batch * rows
+    block = 1024 if gpu else 16
+    seg = (4096 if flat >= 512 else 1024) if gpu else 32  # short rows or few rows: more segments
+    nseg = max(triton.cdiv(width, seg), triton.cdiv(topk, seg))
+    hist = torch.zeros(flat, 4, 256, device=q.device, dtype=torch.int32)
+    counts = torch.zeros(flat, nseg, 2, device=q.device, dtype=torch.int32)
+    grid = (flat, nseg)
+    warps = 4
+    for p in range(4):
+        _radix_hist[grid](scores, lo_w, hi_w, hist, width, topk, seg, PASS=p, BLOCK=block, num_warps=warps)
+    _radix_count[grid](scores, lo_w, hi_w, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=warps)
+    offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
+    _radix_write[grid](
+        scores, lo_w, hi_w, base.to(torch.int32).contiguous(), hist, offsets, out, width,
+        out.stride(0), out.stride(1), rows, k0, topk, seg, nseg, BLOCK=block, num_warps=warps,
     )  # fmt: skip
 
 
-def chunk_rows(width: int) -> int:
-    return max(16, min(4096, SCORE_BYTES_PER_CHUNK // (4 * max(width, 1))))
+def chunk_rows(batch: int, width: int) -> int:
+    """Queries per chunk so that one chunk's fp32 scores stay near ``SCORE_BYTES_PER_CHUNK``."""
+    return max(16, min(4096, SCORE_BYTES_PER_CHUNK // (4 * batch * max(width, 1))))

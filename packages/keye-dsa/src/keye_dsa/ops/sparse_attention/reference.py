@@ -36,8 +36,9 @@ def _chunk(q, k, v, indices, scale):
     valid = indices >= 0  # [B,T,K]
     safe = indices.long().clamp_min(0)
     rows = torch.arange(batch, device=q.device)[:, None, None]
-    kk = k[rows, safe].to(compute)  # [B,T,K,Hkv,D]
-    vv = v[rows, safe].to(compute)
+    # Upcast before gathering, so the backward accumulates each key's many contributions in fp32.
+    kk = k.to(compute)[rows, safe]  # [B,T,K,Hkv,D]
+    vv = v.to(compute)[rows, safe]
     qg = q.to(compute).view(batch, t, hkv, hq // hkv, d)
     scores = torch.einsum("btgjd,btkgd->btgjk", qg, kk) * scale
     scores = scores.masked_fill(~valid[:, :, None, None, :], float("-inf"))
