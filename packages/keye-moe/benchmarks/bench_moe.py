@@ -220,6 +220,25 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
         time_block(name, hf, list(hf.parameters()), x, grad, flops, results)
         del hf
 
+    # where the block's time goes: the router alone, and each backend's experts call alone
+    with torch.no_grad():
+        flat = x.view(t, h)
+        parts = {"router": bench(lambda: block.gate(flat))}
+        ids, weights, _ = block.gate(flat)
+        for name in ("grouped_mm", "triton"):
+            fn = table[name]
+            try:
+                parts[f"experts {name}"] = bench(
+                    lambda fn=fn: fn(flat, ids, weights, block.experts.gate_up_proj, block.experts.down_proj)
+                )
+            except Exception as exc:
+                parts[f"experts {name}"] = f"{type(exc).__name__}: {exc}"
+    results.append({"name": "forward parts (ms)", **parts})
+    print(
+        "parts "
+        + " | ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items())
+    )
+
     # ceiling: the two gathered grouped GEMMs alone, on pre-sorted rows
     if hasattr(torch.nn.functional, "grouped_mm"):
         from keye_moe.experts.routing import dispatch
@@ -249,7 +268,7 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
 
 
 # ---------------------------------------------------------------------------------------------- decode
-def decode_bench(preset, attn, layers, context, steps, batch, dtype, results, **overrides):
+def decode_bench(preset, attn, layers, context, steps, batch, dtype, results, profile=False, **overrides):
     label = f"decode {preset} x{layers} {attn} ctx={context} B={batch}"
     row = {"name": label}
     try:
@@ -285,6 +304,13 @@ def decode_bench(preset, attn, layers, context, steps, batch, dtype, results, **
             sync()
             dt = time.perf_counter() - t0
         row.update(step_ms=dt / steps * 1e3, tokens_per_s=batch * steps / dt)
+        if profile:
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                for _ in range(2):
+                    tok = model(tok[:, None], cache=cache, compute_aux_loss=False).logits[:, -1].argmax(-1)
+                sync()
+            key = "self_cuda_time_total" if CUDA else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=8, max_name_column_width=60))
         del model, cache
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
@@ -367,14 +393,14 @@ def main() -> None:
     if not args.skip_decode:
         if quick:
             kw = dict(layers=2, context=48, steps=4, batch=2, dtype=dtype)
-            decode_bench("tiny", "sdpa", results=decode, **kw)
+            decode_bench("tiny", "sdpa", results=decode, profile=True, **kw)
             if "dsa" in attention_backends():
                 sa = {"indexer_num_heads": 2, "indexer_head_dim": 16, "topk": 16}
                 decode_bench("tiny", "dsa", results=decode, sa_config=sa, **kw)
         else:
             kw = dict(layers=4, context=32768, steps=32, dtype=dtype)
             for batch in (1, 8):
-                decode_bench("qwen3-30b-a3b", "sdpa", batch=batch, results=decode, **kw)
+                decode_bench("qwen3-30b-a3b", "sdpa", batch=batch, results=decode, profile=batch == 1, **kw)
                 save()
                 if "dsa" in attention_backends():
                     decode_bench(

@@ -48,6 +48,9 @@ def dense_attention(
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if inputs.key_padding_mask is None and q_len == k_len:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=inputs.scale, enable_gqa=True)
+    elif inputs.key_padding_mask is None and q_len == 1:
+        # one decoding query after every key sees them all: no mask, so SDPA can use its fused kernels
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=inputs.scale, enable_gqa=True)
     else:
         mask = causal_mask(q_len, k_len, inputs.key_padding_mask, q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=inputs.scale, enable_gqa=True)

@@ -21,8 +21,16 @@ class Dispatch:
 def dispatch(topk_ids: torch.Tensor, num_experts: int) -> Dispatch:
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     return Dispatch(order, order // topk_ids.shape[1], counts, torch.cumsum(counts, 0).to(torch.int32))
+
+
+def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert without a host sync (``bincount`` reads the maximum back to size its output)."""
+    ones = torch.ones_like(flat_ids)
+    return torch.zeros(num_experts, dtype=flat_ids.dtype, device=flat_ids.device).index_add_(
+        0, flat_ids, ones
+    )
 
 
 def combine(rows: torch.Tensor, d: Dispatch, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,9 @@ def _grouped_gemm(a, b, c, plan, *, n_out, k_red, stride_bk, stride_bn, a_by_slo
 
 def _wgrad(left, right, out, plan, *, l_mode, r_mode):
     e, m, n = out.shape
-    K.grouped_wgrad_kernel[
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), e)
-    ](
+    K.launch(
+        K.grouped_wgrad_kernel,
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), e),
         left,
         right,
         out,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from keye_moe.experts.routing import expert_counts
+
 
 @dataclass
 class Plan:
@@ -28,7 +30,7 @@ def make_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
     n, k = topk_ids.shape
     flat = topk_ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
