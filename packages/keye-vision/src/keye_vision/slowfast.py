@@ -21,11 +21,27 @@ SIMILARITY_MIN_PIXELS = 48 * IMAGE_FACTOR**2
 SIMILARITY_MAX_PIXELS = 256 * IMAGE_FACTOR**2
 
 _HSV_SHIFT = 12
-_I = torch.arange(256, dtype=torch.float64)
-# OpenCV's RGB2HSV_b tables: round((255 << 12) / v) and round((180 << 12) / (6 * diff)); index 0 -> 0.
-_SDIV = torch.where(_I > 0, torch.round((255 << _HSV_SHIFT) / _I.clamp(min=1)), 0).long()
-_HDIV = torch.where(_I > 0, torch.round((180 << _HSV_SHIFT) / (6 * _I.clamp(min=1))), 0).long()
-_SDIV32, _HDIV32 = _SDIV.int(), _HDIV.int()
+
+
+def _hsv_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's RGB2HSV_b arithmetic, tabulated: S by (v, diff), H by (numerator + 255, diff).
+
+    OpenCV: ``sdiv[v] = round((255 << 12) / v)``, ``hdiv[d] = round((180 << 12) / (6 d))`` (0 at 0),
+    ``s = (diff * sdiv[v] + 2048) >> 12``, ``h = (num * hdiv[diff] + 2048) >> 12``, plus 180 when negative.
+    """
+    i = torch.arange(256, dtype=torch.float64)
+    sdiv = torch.where(i > 0, torch.round((255 << _HSV_SHIFT) / i.clamp(min=1)), 0).long()
+    hdiv = torch.where(i > 0, torch.round((180 << _HSV_SHIFT) / (6 * i.clamp(min=1))), 0).long()
+    half = 1 << (_HSV_SHIFT - 1)
+    diff = torch.arange(256)[None]
+    s = (diff * sdiv[:, None] + half) >> _HSV_SHIFT  # [v, diff]
+    num = torch.arange(-255, 5 * 255 + 1)[:, None]
+    h = (num * hdiv[diff] + half) >> _HSV_SHIFT  # [num + 255, diff]
+    h = torch.where(h < 0, h + 180, h)
+    return h.clamp(0, 255).to(torch.uint8).reshape(-1), s.clamp(0, 255).to(torch.uint8).reshape(-1)
+
+
+_H_TABLE, _S_TABLE = _hsv_tables()
 
 
 def rgb_to_hsv_u8(rgb: torch.Tensor) -> torch.Tensor:
@@ -34,18 +50,13 @@ def rgb_to_hsv_u8(rgb: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"rgb_to_hsv_u8 expects uint8 frames; got {rgb.dtype}")
     r, g, b = (rgb.select(-3, i) for i in range(3))
     v = torch.maximum(torch.maximum(r, g), b)
-    diff = (v - torch.minimum(torch.minimum(r, g), b)).long()
-    v_idx = v.long()
-    r, g, b = r.int(), g.int(), b.int()  # int32 is wide enough: |h * hdiv| < 2^28
-    half = 1 << (_HSV_SHIFT - 1)
-    s = (diff.int() * _SDIV32.to(rgb.device)[v_idx] + half) >> _HSV_SHIFT
-    d = diff.int()
-    h = torch.where(
-        v == rgb.select(-3, 0), g - b, torch.where(v == rgb.select(-3, 1), b - r + 2 * d, r - g + 4 * d)
-    )
-    h = (h * _HDIV32.to(rgb.device)[diff] + half) >> _HSV_SHIFT
-    h = torch.where(h < 0, h + 180, h)
-    return torch.stack([h.to(torch.uint8), s.to(torch.uint8), v], dim=-3)
+    diff = v - torch.minimum(torch.minimum(r, g), b)
+    r16, g16, b16, d16 = r.short(), g.short(), b.short(), diff.short()
+    # OpenCV's hue numerator: by which channel holds the maximum (red first, then green).
+    num = torch.where(v == r, g16 - b16, torch.where(v == g, b16 - r16 + 2 * d16, r16 - g16 + 4 * d16))
+    h = _H_TABLE.to(rgb.device)[((num + 255).int() << 8) | diff]
+    s = _S_TABLE.to(rgb.device)[(v.int() << 8) | diff]
+    return torch.stack([h, s, v], dim=-3)
 
 
 def similarity_size(height: int, width: int) -> tuple[int, int]:
