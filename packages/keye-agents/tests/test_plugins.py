@@ -23,7 +23,8 @@ def make_plugin(tools):
     return P()
 
 
-def test_builtin_plugin_provides_tools_backends_and_search():
+def test_builtin_plugin_provides_tools_backends_and_search(monkeypatch):
+    monkeypatch.delenv("KEYE_PLUGINS")  # every installed keye plugin loads beside ours without conflict
     plugins = load_plugins()
     assert {"python", "search", "read_file", "write_file", "list_files"} <= set(plugins.tools())
     assert {"openai", "local", "scripted"} <= set(plugins.backends())
@@ -54,6 +55,7 @@ def fake_entry_points(*eps):
 
 
 def test_import_failure_names_the_plugin(monkeypatch):
+    monkeypatch.delenv("KEYE_PLUGINS")
     broken = importlib.metadata.EntryPoint("brokenplug", "no_such_module_for_keye_tests", "keye")
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points(broken))
     with pytest.raises(
