@@ -80,7 +80,8 @@ def test_tool_error_is_fed_back_and_the_model_recovers(tmp_path):
     assert agent.state.tool_errors == 4
     events = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert [e["event"] for e in events].count("tool") == 5
-    assert events[0]["event"] == "task" and events[-1] == {**events[-1], "event": "stop", "reason": "answer"}
+    assert events[0] == {**events[0], "event": "start", "tools": ["divide", "flaky"], "max_steps": 10}
+    assert events[1]["event"] == "task" and events[-1] == {**events[-1], "event": "stop", "reason": "answer"}
     assert [e["ok"] for e in events if e["event"] == "tool"] == [False, False, False, False, True]
 
 

@@ -35,7 +35,9 @@ def test_run_prints_the_transcript_and_writes_jsonl(tmp_path, capsys):
     assert "<- python [ok," in out and "stdout:\n45" in out
     assert out.rstrip().endswith("## stopped: answer after 2 steps\n45")
     events = [json.loads(line) for line in transcript.read_text().splitlines()]
-    assert [e["event"] for e in events] == ["task", "model", "tool", "model", "stop"]
+    assert [e["event"] for e in events] == ["start", "task", "model", "tool", "model", "stop"]
+    assert events[0]["tools"] == ["python"] and events[0]["workspace"] == str(tmp_path / "ws")
+    assert out.startswith(f"## tools: python; workspace {tmp_path / 'ws'}")
 
 
 def test_run_json_mode_and_step_budget_exit_code(tmp_path, capsys):

@@ -141,6 +141,15 @@ class Agent:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, task: str) -> AgentResult:
         """Work on ``task`` (a new user turn in the same conversation) until an answer or a budget."""
+        if self.state.turns == 0:
+            self._log(
+                "start",
+                tools=list(self.tools),
+                workspace=str(self.workspace),
+                max_steps=self.max_steps,
+                time_budget_s=self.time_budget_s,
+                system_prompt=self.messages[0]["content"] if self.messages else None,
+            )
         self.state.turns += 1
         self.messages.append({"role": "user", "content": task})
         self._log("task", content=task)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 from keye_agents.agent import DEFAULT_TOOLS, Agent
@@ -57,7 +58,9 @@ def _add_backend_flags(p: argparse.ArgumentParser, default: str) -> None:
 
 def _print_event(event: dict[str, Any], streamed: bool) -> None:
     kind = event["event"]
-    if kind == "task":
+    if kind == "start":
+        print(f"## tools: {', '.join(event['tools']) or 'none'}; workspace {event['workspace']}\n")
+    elif kind == "task":
         print(f"## task (turn {event['turn']})\n{event['content']}\n")
     elif kind == "model":
         if event.get("content") and not streamed:
@@ -98,10 +101,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(text, end="", flush=True)
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    workspace = args.workspace or tempfile.mkdtemp(prefix="keye-agents-run-")  # kept: the run's files
     with Agent(
         backend,
         tools,
-        workspace=args.workspace,
+        workspace=workspace,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
         transcript=args.transcript,
@@ -111,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         plugins=plugins,
     ) as agent:
         result = agent.run(args.task)
+    print(f"workspace: {workspace}", file=sys.stderr)
     return 0 if result.stop_reason == "answer" else 1
 
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("task")
     _add_backend_flags(run, "openai")
     run.add_argument("--tools", default=",".join(DEFAULT_TOOLS), help="comma list of tool names")
-    run.add_argument("--workspace", help="folder the tools work in (default: a new temporary folder)")
+    run.add_argument("--workspace", help="folder the tools work in (default: a new temporary folder, kept)")
     run.add_argument("--docs", help="folder of documents for the search tool (default: the workspace)")
     run.add_argument("--search-backend", help="search backend name (default local)")
     run.add_argument("--max-steps", type=int, default=10)
