@@ -81,6 +81,15 @@ class VisibleText:
             self._emit(self.held)
         self.held = ""
 
+    @classmethod
+    def replay(cls, text: str, on_text: OnText, chunk: int | None = None) -> None:
+        """Send finished text through the filter, whole or ``chunk`` characters at a time."""
+        visible = cls(on_text)
+        step = chunk or max(len(text), 1)
+        for start in range(0, len(text), step):
+            visible.feed(text[start : start + step])
+        visible.close()
+
     def _emit(self, text: str) -> None:
         if text:
             self.on_text(text)
@@ -248,10 +257,7 @@ class ScriptedBackend:
         entry = self.replies[turn]
         text = entry(list(messages)) if callable(entry) else entry
         if on_text is not None:
-            visible = VisibleText(on_text)
-            for start in range(0, len(text), 7):  # a few characters at a time, like a real stream
-                visible.feed(text[start : start + 7])
-            visible.close()
+            VisibleText.replay(text, on_text, chunk=7)  # a few characters at a time, like a real stream
         return Reply.from_text(text)
 
 
@@ -328,7 +334,5 @@ class LocalBackend:
             kwargs["processor"] = self.processor
         text = self.model.chat([keye_parts(m) for m in messages], tools=list(tools) or None, **kwargs)
         if on_text is not None:
-            visible = VisibleText(on_text)
-            visible.feed(text)
-            visible.close()
+            VisibleText.replay(text, on_text)
         return Reply.from_text(text)
