@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tools"))
+
+
+MODES = ("baseline", "keye", "keye_ffmpeg_threads", "keye_decode", "pyav", "pyav_threads")
 
 
 # One measurement, run as `python bench_video.py --child MODE PATH`; prints a JSON line.
@@ -32,8 +36,8 @@ def child(mode: str, path: str, threads: int) -> None:
 
     start = time.perf_counter()  # imports stay out of the time; their memory is the baseline row
     frames = 0
-    if mode in ("keye", "keye_1thread"):
-        sample = load_video(path, num_threads=0 if mode == "keye" else 1)
+    if mode in ("keye", "keye_ffmpeg_threads"):
+        sample = load_video(path, num_threads=1 if mode == "keye" else 0)
         frames = len(sample.frames)
     elif mode == "keye_decode":  # sampling alone: the same indices, torchcodec, in load_video's chunks
         decoder = torchcodec.decoders.VideoDecoder(path, seek_mode="approximate", dimension_order="NHWC")
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=144)
     parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="outputs/bench_video.json")
     args = parser.parse_args()
     if args.child:
@@ -94,18 +99,26 @@ def main() -> None:
             sample_media.write_long_video(path, seconds=minutes * 60, fps=args.fps, width=args.width,
                                           height=args.height)  # fmt: skip
             print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
-        for mode in ("baseline", "keye", "keye_1thread", "keye_decode", "pyav", "pyav_threads"):
-            row = {"minutes": minutes, **measure(mode, path, args.threads)}
+        # Round-robin repeats, median per mode: the machine is shared, so load drifts during a run.
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for mode in MODES:
+                runs.setdefault(mode, []).append(measure(mode, path, args.threads))
+                print(json.dumps({"minutes": minutes, **runs[mode][-1]}), flush=True)
+        for mode, rows in runs.items():
+            row = {"minutes": minutes, "mode": mode, "frames": rows[0]["frames"],
+                   "seconds": statistics.median(r["seconds"] for r in rows),
+                   "seconds_all": [r["seconds"] for r in rows],
+                   "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows)}  # fmt: skip
             row["video_seconds_per_second"] = minutes * 60 / row["seconds"] if row["frames"] else None
             results.append(row)
-            print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"width": args.width, "height": args.height, "fps": args.fps,
                                           "results": results}, indent=1))  # fmt: skip
-    print(f"\n{'video':>7} {'mode':>13} {'frames':>6} {'seconds':>8} {'video s/s':>9} {'peak RSS MB':>11}")
+    print(f"\n{'video':>7} {'mode':>19} {'frames':>6} {'seconds':>8} {'video s/s':>9} {'peak RSS MB':>11}")
     for r in results:
         vps = f"{r['video_seconds_per_second']:.0f}" if r["video_seconds_per_second"] else "-"
-        print(f"{r['minutes']:>5g}m {r['mode']:>13} {r['frames']:>6} {r['seconds']:>8.2f} {vps:>9} "
+        print(f"{r['minutes']:>5g}m {r['mode']:>19} {r['frames']:>6} {r['seconds']:>8.2f} {vps:>9} "
               f"{r['peak_rss_mb']:>11.0f}")  # fmt: skip
 
 

@@ -148,3 +148,23 @@ def test_errors_name_the_file(videos, tmp_path):
         load_video(videos["short"], fps=0)
     with pytest.raises(ValueError, match="seek_mode must be"):
         load_video(videos["short"], seek_mode="fast")
+
+
+def test_hsv_is_opencv_exact():
+    """Pinned cv2.cvtColor(RGB2HSV) outputs (OpenCV 5.0; the conversion was also checked equal on all
+    2^24 colours when written)."""
+    pairs = {(0, 0, 0): (0, 0, 0), (255, 255, 255): (0, 0, 255), (255, 0, 0): (0, 255, 255),
+             (0, 255, 0): (60, 255, 255), (0, 0, 255): (120, 255, 255), (12, 200, 77): (70, 240, 200),
+             (200, 12, 77): (170, 240, 200), (77, 12, 200): (130, 240, 200), (128, 128, 129): (120, 2, 129),
+             (1, 0, 0): (0, 255, 1), (250, 251, 252): (105, 2, 252), (90, 30, 30): (0, 170, 90),
+             (30, 90, 30): (60, 170, 90), (30, 30, 90): (120, 170, 90), (255, 254, 0): (30, 255, 255),
+             (3, 7, 5): (75, 146, 7)}  # fmt: skip
+    colours, want = list(pairs), list(pairs.values())
+    rgb = torch.tensor(colours, dtype=torch.uint8).T[:, None, :]  # [3, 1, N]
+    assert [tuple(p) for p in rgb_to_hsv_u8(rgb)[:, 0].T.tolist()] == want
+    cv2 = pytest.importorskip("cv2")
+    grid = torch.stack(
+        torch.meshgrid(*[torch.arange(0, 256, 3, dtype=torch.uint8)] * 3, indexing="ij")
+    ).reshape(3, 1, -1)
+    ref = cv2.cvtColor(grid.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2HSV)
+    assert np.array_equal(rgb_to_hsv_u8(grid).permute(1, 2, 0).numpy(), ref)
