@@ -89,3 +89,18 @@ def test_serve_command_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_task_from_stdin_and_custom_system_prompt(tmp_path, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Summarise the notes."))
+    path = script(tmp_path, ["Done."])
+    code = main(
+        ["run", "-", "--backend", "scripted", "--script", path, "--tools", "", "--workspace", str(tmp_path),
+         "--system-prompt", "Answer in one word.", "--json"]
+    )  # fmt: skip
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert events[0]["system_prompt"] == "Answer in one word." and events[0]["tools"] == []
+    assert events[1]["content"] == "Summarise the notes."

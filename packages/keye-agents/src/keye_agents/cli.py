@@ -102,9 +102,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     workspace = args.workspace or tempfile.mkdtemp(prefix="keye-agents-run-")  # kept: the run's files
+    prompt = {} if args.system_prompt is None else {"system_prompt": args.system_prompt or None}
     with Agent(
         backend,
         tools,
+        **prompt,
         workspace=workspace,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
@@ -114,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tool_options=options,
         plugins=plugins,
     ) as agent:
-        result = agent.run(args.task)
+        result = agent.run(sys.stdin.read() if args.task == "-" else args.task)
     print(f"workspace: {workspace}", file=sys.stderr)
     return 0 if result.stop_reason == "answer" else 1
 
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one task and print the transcript")
-    run.add_argument("task")
+    run.add_argument("task", help="the task; '-' reads it from standard input")
+    run.add_argument("--system-prompt", help="replace the default system prompt ('' for none)")
     _add_backend_flags(run, "openai")
     run.add_argument("--tools", default=",".join(DEFAULT_TOOLS), help="comma list of tool names")
     run.add_argument("--workspace", help="folder the tools work in (default: a new temporary folder, kept)")
