@@ -1,6 +1,7 @@
 """The official ``openai`` client against ``keye-agents serve``, and keye-agents' own HTTP backend."""
 
 import base64
+import http.client
 import io
 import json
 import threading
@@ -169,6 +170,19 @@ def test_backend_failure_is_a_500_with_the_reason_streamed_or_not(serve):
             )
         )
     assert [m.id for m in api.models.list()] == ["keye-test"]  # still serving
+
+
+def test_one_kept_alive_connection_serves_a_failed_stream_then_a_plain_error(serve):
+    server = serve(ScriptedBackend([]))
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    body = {"model": "keye", "messages": [{"role": "user", "content": "x"}]}
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}))
+    streamed = connection.getresponse()
+    assert streamed.status == 200 and b'"error"' in streamed.read()
+    connection.request("POST", "/v1/chat/completions", json.dumps(body))
+    plain = connection.getresponse()
+    assert plain.status == 500 and json.loads(plain.read())["error"]["message"].startswith("BackendError")
+    connection.close()
 
 
 @pytest.mark.parametrize("stream", [False, True])

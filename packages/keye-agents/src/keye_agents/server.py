@@ -141,6 +141,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no route {self.path}", "not_found")
 
     def do_POST(self) -> None:
+        self._streaming = False  # one handler serves every request of a kept-alive connection
         try:  # read the body first: an unread body would corrupt the next request on this connection
             raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         except ValueError:
@@ -165,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, completion(reply, self.server.model))
         except Exception as exc:  # the client gets the reason; the server keeps serving
             error = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error", "code": 500}
-            if not getattr(self, "_streaming", False):
+            if not self._streaming:
                 self._json(500, {"error": error})
             else:  # headers are gone: end the stream with an error event, as OpenAI's servers do
                 self._chunk(f"data: {json.dumps({'error': error})}\n\n".encode())
