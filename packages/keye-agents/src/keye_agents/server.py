@@ -7,6 +7,7 @@ Calls go through one lock because a local model is not safe to run from several 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import threading
@@ -169,8 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._streaming:
                 self._json(500, {"error": error})
             else:  # headers are gone: end the stream with an error event, as OpenAI's servers do
-                self._chunk(f"data: {json.dumps({'error': error})}\n\n".encode())
-                self._chunk(b"")
+                with contextlib.suppress(OSError):  # unless the client is what went away
+                    self._chunk(f"data: {json.dumps({'error': error})}\n\n".encode())
+                    self._chunk(b"")
 
     def _stream(self, messages: list[dict], tools: list[dict]) -> None:
         cid, created, model = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), self.server.model
