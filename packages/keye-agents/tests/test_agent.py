@@ -177,3 +177,17 @@ def test_messages_are_valid_openai_chat_form(tmp_path):
     assert tc["type"] == "function" and json.loads(tc["function"]["arguments"]) == {}
     assert tool_msg["tool_call_id"] == tc["id"] and tool_msg["name"] == "list_files"
     assert parse_tool_calls(backend.replies[0]).tool_calls[0].name == "list_files"
+
+
+def test_long_tool_results_are_cut_for_the_model(tmp_path):
+    @tool
+    def dump() -> str:
+        """Return a lot of text."""
+        return "x" * 5000
+
+    with Agent(
+        ScriptedBackend([call("dump"), "ok"]), [dump], workspace=tmp_path, max_result_chars=100
+    ) as agent:
+        agent.run("dump")
+    result = last_tool_result(agent.messages)
+    assert result == "x" * 100 + "\n[... 4900 more characters cut; ask for less]"

@@ -54,6 +54,7 @@ class AgentResult:
 class Agent:
     """Runs tasks with a model ``backend`` and ``tools`` (names from the plugin registry, or Tools).
 
+    Tool results longer than ``max_result_chars`` are cut before the model sees them.
     ``tool_options`` reach tool factories through ``ToolContext.options`` (e.g. ``docs`` for search,
     ``timeout_s``/``persistent``/``network``/``limits`` for python). ``transcript`` is a JSONL path.
     The time budget is checked before each model turn and caps each tool call; a model call already
@@ -74,6 +75,7 @@ class Agent:
         on_text: OnText | None = None,
         tool_options: Mapping[str, Any] | None = None,
         plugins: Plugins | None = None,
+        max_result_chars: int = 20_000,
     ):
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
@@ -81,6 +83,7 @@ class Agent:
             raise ValueError(f"time_budget_s must be positive, got {time_budget_s}")
         self.backend = backend
         self.max_steps, self.time_budget_s = max_steps, time_budget_s
+        self.max_result_chars = max_result_chars
         self.on_event, self.on_text = on_event, on_text
         self._owns_workspace = workspace is None
         self.workspace = Path(workspace or tempfile.mkdtemp(prefix="keye-agent-")).resolve()
@@ -219,6 +222,9 @@ class Agent:
             result = f"Error: {exc}"
         except Exception as exc:  # a tool's own bug or bad input: the model reads it and adapts
             result = f"Error: {call.name} raised {type(exc).__name__}: {exc}"
+        if len(result) > self.max_result_chars:  # keep the context window for the work, not one dump
+            cut = len(result) - self.max_result_chars
+            result = result[: self.max_result_chars] + f"\n[... {cut} more characters cut; ask for less]"
         if not ok:
             self.state.tool_errors += 1
             self.state.last_error = result
