@@ -77,7 +77,8 @@ class Router(nn.Module):
             counts = torch.zeros(e, dtype=torch.float, device=probs.device).index_add_(
                 0, top_ids.reshape(-1), ones
             )
-            return RouterStats(counts, probs.sum(0), torch.tensor(float(probs.shape[0]), device=probs.device))
+            rows = torch.full((), float(probs.shape[0]), device=probs.device)  # a fill, not a host copy
+            return RouterStats(counts, probs.sum(0), rows)
         m = mask.reshape(-1).float()
         counts = torch.zeros(e, dtype=torch.float, device=probs.device).index_add_(
             0, top_ids.reshape(-1), m.repeat_interleave(self.top_k)
