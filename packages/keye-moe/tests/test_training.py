@@ -74,3 +74,11 @@ def test_decoder_hook_builds_the_model():
     model = factory(tiny_config())
     assert isinstance(model, KeyeMoeForCausalLM)
     assert isinstance(factory(tiny_config().to_hf_config()), KeyeMoeForCausalLM)
+
+
+def test_auto_expert_backend_choice_on_cpu():
+    from keye_moe.layers.moe import resolve_expert_implementation
+
+    cpu = torch.device("cpu")
+    assert resolve_expert_implementation("auto", cpu, torch.float32, 10**6) == "grouped_mm"
+    assert resolve_expert_implementation("triton", cpu, torch.float32) == "triton"

@@ -17,17 +17,21 @@ from torch import nn
 from keye_moe.hookspecs import ExpertBackend
 from keye_moe.layers.router import Router, RouterStats
 
+AUTO_TRITON_MIN_ROWS = 8192  # token-expert pairs from which the tuned Triton kernels beat grouped_mm
 
-def resolve_expert_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto``: grouped_mm on Hopper-class CUDA in bf16/fp16 and on the CPU, the loop elsewhere."""
+
+def resolve_expert_implementation(name: str, device: torch.device, dtype: torch.dtype, rows: int = 0) -> str:
+    """``auto`` on Hopper-class CUDA in bf16/fp16: the Triton kernels for training and prefill batches
+    (measured faster than grouped_mm at the 30B-A3B shape, BENCHMARKS.md), grouped_mm for decoding;
+    grouped_mm on the CPU; the loop elsewhere."""
     if name != "auto":
         return name
-    if not hasattr(F, "grouped_mm"):
-        return "loop"
     if device.type == "cuda":
-        ok = torch.cuda.get_device_capability(device)[0] >= 9 and dtype in (torch.bfloat16, torch.float16)
-        return "grouped_mm" if ok else "loop"
-    return "grouped_mm" if device.type == "cpu" else "loop"
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9 and dtype in (torch.bfloat16, torch.float16)
+        if hopper and rows >= AUTO_TRITON_MIN_ROWS:
+            return "triton"
+        return "grouped_mm" if hopper and hasattr(F, "grouped_mm") else "loop"
+    return "grouped_mm" if device.type == "cpu" and hasattr(F, "grouped_mm") else "loop"
 
 
 class Experts(nn.Module):
@@ -64,7 +68,7 @@ class SparseMoeBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_ids, topk_weights, stats = self.gate(flat, token_mask)
-        name = resolve_expert_implementation(self.implementation, x.device, x.dtype)
+        name = resolve_expert_implementation(self.implementation, x.device, x.dtype, topk_ids.numel())
         out = self.experts(flat, topk_ids, topk_weights, self._backends[name])
         return out.reshape(shape), stats
 
