@@ -48,7 +48,7 @@ def test_scores_match_the_formula():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("b", "t", "s", "h", "d", "topk"), [(2, 37, 37, 4, 16, 8), (1, 20, 45, 3, 24, 5), (1, 50, 50, 2, 16, 49)]
+    ("b", "t", "s", "h", "d", "topk"), [(2, 29, 29, 4, 16, 8), (1, 20, 45, 3, 24, 5), (1, 40, 40, 2, 16, 39)]
 )
 def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, topk, dtype):
     monkeypatch.setattr(triton_kernel, "SCORE_BYTES_PER_CHUNK", 4 * 16 * s)  # several query chunks
@@ -72,6 +72,22 @@ def test_left_padding_and_decode_offsets(force_impl, impl):
     idx = select_topk(q, k, w, 7, key_start=start)
     _assert_exact_topk(q, k, w, idx, 7, key_start=start)
     assert (idx[0][idx[0] >= 0] >= 3).all() and (idx[1][idx[1] >= 0] >= 40).all()
+
+
+def test_candidate_and_fallback_paths_both_run(force_impl, monkeypatch):
+    """The sampled-threshold candidate path serves most rows; rows it misjudges take the full select."""
+    force_impl("triton")
+    calls = []
+    full = triton_kernel._radix_select
+
+    def spy(scores, pos, lo, hi, base, active, *rest):
+        calls.append((pos is not None, int(active.sum())))
+        return full(scores, pos, lo, hi, base, active, *rest)
+
+    monkeypatch.setattr(triton_kernel, "_radix_select", spy)
+    q, k, w = _inputs(1, 60, 60, 4, 16, torch.float32, seed=0)
+    _assert_exact_topk(q, k, w, select_topk(q, k, w, 5), 5)
+    assert any(cand and n > 0 for cand, n in calls) and any(not cand and n > 0 for cand, n in calls[1:])
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

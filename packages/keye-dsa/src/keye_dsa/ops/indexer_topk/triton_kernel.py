@@ -28,6 +28,8 @@ import triton.language as tl
 from keye_dsa.ops._triton_utils import dot_flags, mma
 
 SCORE_BYTES_PER_CHUNK = 1 << 30
+SAMPLE = 2048  # scores sampled per row to place the candidate threshold
+CANDIDATES_PER_TOPK = 8  # candidate buffer per row, in units of topk
 
 
 @triton.jit
@@ -154,10 +156,15 @@ def _radix_count(S, LO, HI, HIST, COUNTS, sst, TOPK, SEG, NSEG, BLOCK: tl.conste
 
 @triton.jit
 def _radix_write(
-    S, LO, HI, BASE, HIST, OFFSETS, OUT, sst, sob, sot, NR, k0, TOPK, SEG, NSEG, BLOCK: tl.constexpr,
+    S, POS, ACTIVE, LO, HI, BASE, HIST, OFFSETS, OUT, sst, sob, sot, NR, k0, TOPK, SEG, NSEG,
+    HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Writes the selection of the rows flagged in ``ACTIVE``; with ``HAS_POS`` the entries of ``S`` are
+    candidates whose key positions are in ``POS`` (same layout)."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
+    if tl.load(ACTIVE + row) == 0:
+        return
     lo = tl.load(LO + row)
     hi = tl.load(HI + row)
     shift_out = k0 - tl.load(BASE + row)
@@ -167,9 +174,10 @@ def _radix_write(
     if n <= TOPK:  # every visible key, then -1 padding; segment ``seg`` covers output slots of its range
         for j0 in range(seg * SEG, tl.minimum(seg * SEG + SEG, TOPK), BLOCK):
             j = j0 + offs
-            tl.store(
-                out + j, tl.where(j < n, lo + j + shift_out, -1), mask=(j < TOPK) & (j < seg * SEG + SEG)
-            )
+            src = lo + j
+            if HAS_POS:
+                src = tl.load(POS + row.to(tl.int64) * sst + src, mask=j < n, other=0)
+            tl.store(out + j, tl.where(j < n, src + shift_out, -1), mask=(j < TOPK) & (j < seg * SEG + SEG))
     else:
         begin = lo + seg * SEG
         if begin <= hi:
@@ -187,10 +195,60 @@ def _radix_write(
                 eq = (s < end) & (key == threshold)
                 pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
                 pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-                tl.store(out + pos_gt, s + shift_out, mask=gt)
-                tl.store(out + n_above + pos_eq, s + shift_out, mask=eq & (pos_eq < need))
+                src = s
+                if HAS_POS:
+                    src = tl.load(POS + row.to(tl.int64) * sst + s, mask=s < end, other=0)
+                tl.store(out + pos_gt, src + shift_out, mask=gt)
+                tl.store(out + n_above + pos_eq, src + shift_out, mask=eq & (pos_eq < need))
                 taken_gt += tl.sum(gt.to(tl.int32), 0)
                 taken_eq += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _sample_threshold(S, LO, HI, THR, sst, TOPK, M: tl.constexpr):
+    """A threshold from ``M`` evenly spaced scores of the row, ranked to keep about ``2 * TOPK`` keys."""
+    row = tl.program_id(0)
+    lo = tl.load(LO + row)
+    n = tl.load(HI + row) - lo + 1
+    i = tl.arange(0, M)
+    pos = lo + (i.to(tl.int64) * tl.maximum(n, 1).to(tl.int64)) // M
+    x = tl.load(S + row.to(tl.int64) * sst + pos, mask=n > TOPK, other=float("-inf"))
+    ranked = tl.sort(x, descending=True)
+    rank = tl.minimum(tl.maximum((2 * TOPK * M) // tl.maximum(n, 1), 1), M)
+    tl.store(THR + row, tl.sum(tl.where(i == rank - 1, ranked, 0.0), 0))
+
+
+@triton.jit
+def _candidates(S, LO, HI, THR, COUNTS, OFFSETS, CS, CP, sst, CAP, TOPK, SEG, NSEG, WRITE: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """Per segment: count the keys scoring at least the sampled threshold, or (``WRITE``) copy them,
+    in key order, to the row's candidate buffer at the segment's offset."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    lo = tl.load(LO + row)
+    hi = tl.load(HI + row)
+    begin = lo + seg * SEG
+    if (hi - lo + 1 > TOPK) & (begin <= hi):
+        thr = tl.load(THR + row)
+        scores = S + row.to(tl.int64) * sst
+        end = tl.minimum(begin + SEG, hi + 1)
+        slot = OFFSETS + row.to(tl.int64) * NSEG + seg
+        if WRITE:
+            taken = tl.load(slot + tl.arange(0, 1))
+        else:
+            taken = tl.zeros([1], tl.int32)
+        for s0 in range(begin, end, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)
+            x = tl.load(scores + s, mask=s < end, other=float("-inf"))
+            keep = (s < end) & (x >= thr)
+            if WRITE:
+                at = taken + tl.cumsum(keep.to(tl.int32), 0) - 1
+                dst = row.to(tl.int64) * CAP + at
+                tl.store(CS + dst, x, mask=keep & (at < CAP))
+                tl.store(CP + dst, s, mask=keep & (at < CAP))
+            taken += tl.sum(keep.to(tl.int32), 0)
+        if not WRITE:
+            tl.store(COUNTS + row.to(tl.int64) * NSEG + seg + tl.arange(0, 1), taken)
 
 
 def topk_chunk(
@@ -225,20 +283,55 @@ def topk_chunk(
     if not select:
         return
     flat = batch * rows
+    dev = q.device
+    lo_f, hi_f, base_f = lo_w.view(-1), hi_w.view(-1), base.to(torch.int32).contiguous().view(-1)
+    scores2d = scores.view(flat, width)
+    visible = hi_f - lo_f + 1
+    _radix_select(scores2d, None, lo_f, hi_f, base_f, visible <= topk, out, rows, k0, topk, gpu)
+    # Candidates: keys at or above a threshold sampled from the row (about 2 * topk of them), compacted
+    # in key order; the exact radix select then runs on them alone. Rows whose sample misjudged the
+    # threshold (fewer than topk or more than cap candidates) take the full radix select instead.
+    cap = CANDIDATES_PER_TOPK * topk
+    seg = 4096 if gpu else 32
+    nseg = triton.cdiv(width, seg)
     block = 1024 if gpu else 16
-    seg = (4096 if flat >= 512 else 1024) if gpu else 32  # short rows or few rows: more segments
+    thr = torch.empty(flat, device=dev, dtype=torch.float32)
+    _sample_threshold[(flat,)](scores2d, lo_f, hi_f, thr, width, topk, M=SAMPLE if gpu else 16, num_warps=4)
+    counts = torch.zeros(flat, nseg, device=dev, dtype=torch.int32)
+    cs = torch.empty(flat, cap, device=dev, dtype=torch.float32)
+    cp = torch.empty(flat, cap, device=dev, dtype=torch.int32)
+    args = (scores2d, lo_f, hi_f, thr, counts)
+    _candidates[(flat, nseg)](*args, counts, cs, cp, width, cap, topk, seg, nseg, WRITE=False, BLOCK=block)
+    offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
+    total = counts.sum(1, dtype=torch.int32)
+    ok = (visible > topk) & (total >= topk) & (total <= cap)
+    _candidates[(flat, nseg)](*args, offsets, cs, cp, width, cap, topk, seg, nseg, WRITE=True, BLOCK=block)
+    zero = torch.zeros_like(lo_f)
+    _radix_select(cs, cp, zero, torch.where(ok, total - 1, -1), base_f, ok, out, rows, k0, topk, gpu)
+    fallback = (visible > topk) & ~ok
+    if bool(fallback.any()):
+        hi_fb = torch.where(fallback, hi_f, lo_f - 1)
+        _radix_select(scores2d, None, lo_f, hi_fb, base_f, fallback, out, rows, k0, topk, gpu)
+
+
+def _radix_select(scores, pos, lo, hi, base, active, out, rows, k0, topk, gpu) -> None:
+    """Exact radix top-k of each ``active`` row of ``scores [N, W]`` over ``[lo, hi]`` into ``out``;
+    ``pos`` (same shape) maps candidate entries to key positions."""
+    flat, width = scores.shape
+    block = 1024 if gpu else 16
+    seg = (4096 if flat >= 512 else 1024) if gpu else 32  # few rows: more, shorter segments
     nseg = max(triton.cdiv(width, seg), triton.cdiv(topk, seg))
-    hist = torch.zeros(flat, 4, 256, device=q.device, dtype=torch.int32)
-    counts = torch.zeros(flat, nseg, 2, device=q.device, dtype=torch.int32)
+    hist = torch.zeros(flat, 4, 256, device=scores.device, dtype=torch.int32)
+    counts = torch.zeros(flat, nseg, 2, device=scores.device, dtype=torch.int32)
     grid = (flat, nseg)
-    warps = 4
     for p in range(4):
-        _radix_hist[grid](scores, lo_w, hi_w, hist, width, topk, seg, PASS=p, BLOCK=block, num_warps=warps)
-    _radix_count[grid](scores, lo_w, hi_w, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=warps)
+        _radix_hist[grid](scores, lo, hi, hist, width, topk, seg, PASS=p, BLOCK=block, num_warps=4)
+    _radix_count[grid](scores, lo, hi, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=4)
     offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
     _radix_write[grid](
-        scores, lo_w, hi_w, base.to(torch.int32).contiguous(), hist, offsets, out, width,
-        out.stride(0), out.stride(1), rows, k0, topk, seg, nseg, BLOCK=block, num_warps=warps,
+        scores, scores if pos is None else pos, active.to(torch.int8).contiguous(), lo, hi, base, hist,
+        offsets, out, width, out.stride(0), out.stride(1), rows, k0, topk, seg, nseg, HAS_POS=pos is not None,
+        BLOCK=block, num_warps=4,
     )  # fmt: skip
 
 
