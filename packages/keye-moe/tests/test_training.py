@@ -82,3 +82,19 @@ def test_auto_expert_backend_choice_on_cpu():
     cpu = torch.device("cpu")
     assert resolve_expert_implementation("auto", cpu, torch.float32, 10**6) == "grouped_mm"
     assert resolve_expert_implementation("triton", cpu, torch.float32) == "triton"
+
+
+def test_expert_bias_counts_once_per_step_even_with_checkpointing():
+    torch.manual_seed(0)
+    model = KeyeMoeForCausalLM(tiny_config(expert_bias=True)).train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 512, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    gate = model.model.layers[0].mlp.gate
+    assert float(gate.expert_load.sum()) == 2 * 8 * model.config.num_experts_per_tok
+    before = gate.e_score_correction_bias.clone()
+    model.update_expert_bias()
+    assert not torch.equal(gate.e_score_correction_bias, before) and float(gate.expert_load.sum()) == 0
+    model.eval()
+    model(ids)
+    assert float(gate.expert_load.sum()) == 0  # inference never counts

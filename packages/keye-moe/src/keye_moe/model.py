@@ -75,12 +75,12 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, ctx: StepContext, token_mask: torch.Tensor | None
+        self, x: torch.Tensor, ctx: StepContext, token_mask: torch.Tensor | None, need_stats: bool = True
     ) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoeBlock):
-            out, stats = self.mlp(h, token_mask)
+            out, stats = self.mlp(h, token_mask, need_stats)
             return x + out, stats
         return x + self.mlp(h), None
 
@@ -214,13 +214,17 @@ class KeyeMoeForCausalLM(nn.Module):
         ctx = StepContext(cos, sin, position_ids, cu_seqlens, key_padding_mask, cache, {})
         token_mask = attention_mask if key_padding_mask is not None and attention_mask is not None else None
         stats: list[RouterStats] = []
+        balancing = self.training and self.config.expert_bias
+        need_stats = compute_aux_loss or balancing
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, s = checkpoint(layer, x, ctx, token_mask, use_reentrant=False)
+                x, s = checkpoint(layer, x, ctx, token_mask, need_stats, use_reentrant=False)
             else:
-                x, s = layer(x, ctx, token_mask)
+                x, s = layer(x, ctx, token_mask, need_stats)
             if s is not None:
                 stats.append(s)
+                if balancing:
+                    layer.mlp.gate.record_load(s)
         x = self.model.norm(x)
         if cache is not None:
             cache.advance(t, position_ids)

@@ -8,6 +8,7 @@ rows first, ``down_proj [E, H, I]``); the per-expert checkpoint names are mapped
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -20,6 +21,11 @@ from keye_moe.layers.router import Router, RouterStats
 AUTO_TRITON_MIN_ROWS = 8192  # token-expert pairs from which the tuned Triton kernels beat grouped_mm
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def resolve_expert_implementation(name: str, device: torch.device, dtype: torch.dtype, rows: int = 0) -> str:
     """``auto`` on Hopper-class CUDA in bf16/fp16: the Triton kernels for training and prefill batches
     (measured faster than grouped_mm at the 30B-A3B shape, BENCHMARKS.md), grouped_mm for decoding;
@@ -27,7 +33,7 @@ def resolve_expert_implementation(name: str, device: torch.device, dtype: torch.
     if name != "auto":
         return name
     if device.type == "cuda":
-        hopper = torch.cuda.get_device_capability(device)[0] >= 9 and dtype in (torch.bfloat16, torch.float16)
+        hopper = _capability(device.index)[0] >= 9 and dtype in (torch.bfloat16, torch.float16)
         if hopper and rows >= AUTO_TRITON_MIN_ROWS:
             return "triton"
         return "grouped_mm" if hopper and hasattr(F, "grouped_mm") else "loop"
@@ -63,11 +69,11 @@ class SparseMoeBlock(nn.Module):
         self._backends = expert_backends  # shared, name -> backend instance, filled lazily by the model
 
     def forward(
-        self, x: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RouterStats]:
+        self, x: torch.Tensor, token_mask: torch.Tensor | None = None, need_stats: bool = True
+    ) -> tuple[torch.Tensor, RouterStats | None]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        topk_ids, topk_weights, stats = self.gate(flat, token_mask)
+        topk_ids, topk_weights, stats = self.gate(flat, token_mask, need_stats)
         name = resolve_expert_implementation(self.implementation, x.device, x.dtype, topk_ids.numel())
         out = self.experts(flat, topk_ids, topk_weights, self._backends[name])
         return out.reshape(shape), stats

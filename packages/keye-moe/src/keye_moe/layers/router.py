@@ -5,7 +5,7 @@ top-k, renormalize when ``norm_topk_prob``, weights cast back to the logits' dty
 ``expert_bias`` on (DeepSeek-V3's aux-loss-free balancing), a per-expert bias is added to the
 probabilities for *selection only*; the weights still come from the unbiased probabilities. The bias is
 a persistent buffer (``mlp.gate.e_score_correction_bias``) updated outside autograd by
-``update_bias``, from the token counts the router accumulates while training.
+``update_bias``, from the token counts the model records while training.
 """
 
 from __future__ import annotations
@@ -52,9 +52,12 @@ class Router(nn.Module):
         return self
 
     def forward(
-        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
-        """hidden ``[N, H]`` -> (topk_ids ``[N, K]``, topk_weights ``[N, K]``, stats)."""
+        self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None, need_stats: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
+        """hidden ``[N, H]`` -> (topk_ids ``[N, K]``, topk_weights ``[N, K]``, stats or None).
+
+        Statistics cost a few kernels per layer; decoding skips them (``need_stats=False``).
+        """
         logits = F.linear(hidden, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float)
         if self.e_score_correction_bias is None:
@@ -65,10 +68,14 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(logits.dtype)
-        stats = self._stats(probs, top_ids, token_mask)
-        if self.expert_load is not None and self.training:
-            self.expert_load += stats.tokens_per_expert.detach()
-        return top_ids, top_w, stats
+        return top_ids, top_w, self._stats(probs, top_ids, token_mask) if need_stats else None
+
+    @torch.no_grad()
+    def record_load(self, stats: RouterStats) -> None:
+        """Add one forward pass's assignments to the load that ``update_bias`` balances. The model calls
+        this once per step (not the router itself, so activation recomputation never counts twice)."""
+        if self.expert_load is not None:
+            self.expert_load += stats.tokens_per_expert
 
     def _stats(self, probs: torch.Tensor, top_ids: torch.Tensor, mask: torch.Tensor | None) -> RouterStats:
         e = self.num_experts
