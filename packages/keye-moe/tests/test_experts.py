@@ -101,3 +101,12 @@ def test_cuda_bf16_backends_match_loop(name):
     got = run(make_expert_backend(name), low, grad.cuda().bfloat16())
     for a, b in zip(got, ref):
         assert rel(a, b) < 1e-2
+
+
+def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
+    from keye_moe.experts.triton import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    args, _ = random_case(4, 2, 4, 16, 16, seed=0)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        make_expert_backend("triton")(*args)

@@ -164,6 +164,11 @@ def triton_experts(
     down_proj: torch.Tensor,
 ) -> torch.Tensor:
     check_expert_inputs(hidden, topk_ids, topk_weights, gate_up_proj, down_proj)
+    if not hidden.is_cuda and not K.INTERPRET:
+        raise RuntimeError(
+            "the 'triton' expert backend needs CUDA tensors (or TRITON_INTERPRET=1 set before import, "
+            f"a slow CPU interpreter for tests); got hidden on {hidden.device}"
+        )
     if hidden.shape[0] == 0:
         return hidden.new_zeros(hidden.shape) + 0 * (gate_up_proj.sum() + down_proj.sum())
     plan = make_plan(topk_ids, gate_up_proj.shape[0], pick_block_m(topk_ids.numel(), gate_up_proj.shape[0]))
