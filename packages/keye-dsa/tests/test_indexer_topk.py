@@ -80,9 +80,9 @@ def test_candidate_and_fallback_paths_both_run(force_impl, monkeypatch):
     calls = []
     full = triton_kernel._radix_select
 
-    def spy(scores, pos, lo, hi, base, active, *rest):
+    def spy(scores, pos, lo, hi, base, active, *rest, **kw):
         calls.append((pos is not None, int(active.sum())))
-        return full(scores, pos, lo, hi, base, active, *rest)
+        return full(scores, pos, lo, hi, base, active, *rest, **kw)
 
     monkeypatch.setattr(triton_kernel, "_radix_select", spy)
     q, k, w = _inputs(1, 60, 60, 4, 16, torch.float32, seed=0)

@@ -287,7 +287,7 @@ def topk_chunk(
     lo_f, hi_f, base_f = lo_w.view(-1), hi_w.view(-1), base.to(torch.int32).contiguous().view(-1)
     scores2d = scores.view(flat, width)
     visible = hi_f - lo_f + 1
-    _radix_select(scores2d, None, lo_f, hi_f, base_f, visible <= topk, out, rows, k0, topk, gpu)
+    _radix_select(scores2d, None, lo_f, hi_f, base_f, visible <= topk, out, rows, k0, topk, gpu, search=False)
     # Candidates: keys at or above a threshold sampled from the row (about 2 * topk of them), compacted
     # in key order; the exact radix select then runs on them alone. Rows whose sample misjudged the
     # threshold (fewer than topk or more than cap candidates) take the full radix select instead.
@@ -314,9 +314,10 @@ def topk_chunk(
         _radix_select(scores2d, None, lo_f, hi_fb, base_f, fallback, out, rows, k0, topk, gpu)
 
 
-def _radix_select(scores, pos, lo, hi, base, active, out, rows, k0, topk, gpu) -> None:
+def _radix_select(scores, pos, lo, hi, base, active, out, rows, k0, topk, gpu, search=True) -> None:
     """Exact radix top-k of each ``active`` row of ``scores [N, W]`` over ``[lo, hi]`` into ``out``;
-    ``pos`` (same shape) maps candidate entries to key positions."""
+    ``pos`` (same shape) maps candidate entries to key positions. ``search=False``: the active rows all
+    see at most ``topk`` keys, so only the write runs."""
     flat, width = scores.shape
     block = 1024 if gpu else 16
     seg = (4096 if flat >= 512 else 1024) if gpu else 32  # few rows: more, shorter segments
@@ -324,9 +325,10 @@ def _radix_select(scores, pos, lo, hi, base, active, out, rows, k0, topk, gpu) -
     hist = torch.zeros(flat, 4, 256, device=scores.device, dtype=torch.int32)
     counts = torch.zeros(flat, nseg, 2, device=scores.device, dtype=torch.int32)
     grid = (flat, nseg)
-    for p in range(4):
+    for p in range(4 if search else 0):
         _radix_hist[grid](scores, lo, hi, hist, width, topk, seg, PASS=p, BLOCK=block, num_warps=4)
-    _radix_count[grid](scores, lo, hi, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=4)
+    if search:
+        _radix_count[grid](scores, lo, hi, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=4)
     offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
     _radix_write[grid](
         scores, scores if pos is None else pos, active.to(torch.int8).contiguous(), lo, hi, base, hist,

@@ -151,7 +151,7 @@ def _sparse_bwd(
 # Launch settings (the benchmark sweeps them); BLOCK_N is the number of gathered rows per step.
 # Defaults: the fastest of a sweep at 32K on an H200 (see BENCHMARKS.md).
 FWD_LAUNCH = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-BWD_LAUNCH = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+BWD_LAUNCH = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
