@@ -110,3 +110,13 @@ def test_triton_on_cpu_without_the_interpreter_says_so(monkeypatch):
     args, _ = random_case(4, 2, 4, 16, 16, seed=0)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         make_expert_backend("triton")(*args)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_frozen_experts_still_give_input_gradients(name):
+    (x, ids, w, gate_up, down), grad = random_case(21, 2, 6, 32, 16, seed=9, unused=(1,))
+    gate_up, down = gate_up.detach(), down.detach()
+    ref = torch.autograd.grad(loop_experts(x, ids, w, gate_up, down), (x, w), grad)
+    got = torch.autograd.grad(make_expert_backend(name)(x, ids, w, gate_up, down), (x, w), grad)
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-5

@@ -143,16 +143,21 @@ class TritonExpertsFunction(torch.autograd.Function):
             dy, down_proj, d_gu, plan, n_out=i, k_red=h, gu=gu,
             stride_bk=down_proj.stride(1), stride_bn=down_proj.stride(2), a_by_slot=True, c_by_slot=False,
         )  # fmt: skip
-        d_down = torch.empty_like(down_proj)
-        _wgrad(dy, act, d_down, plan, l_mode=K.BY_SLOT, r_mode=K.PADDED)
-        d_gate_up = torch.empty_like(gate_up_proj)
-        _wgrad(d_gu, hidden, d_gate_up, plan, l_mode=K.PADDED, r_mode=K.BY_TOKEN)
-        dx_slots = hidden.new_empty(n * plan.top_k, h)
-        _grouped_gemm(
-            d_gu, gate_up_proj, dx_slots, plan, n_out=h, k_red=two_i, a_by_slot=False, c_by_slot=True,
-            stride_bk=gate_up_proj.stride(1), stride_bn=gate_up_proj.stride(2),
-        )  # fmt: skip
-        dx = dx_slots.view(n, plan.top_k, h).sum(1, dtype=torch.float32).to(hidden.dtype)
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]  # frozen experts skip their wgrads
+        d_down = d_gate_up = dx = None
+        if need_down:
+            d_down = torch.empty_like(down_proj)
+            _wgrad(dy, act, d_down, plan, l_mode=K.BY_SLOT, r_mode=K.PADDED)
+        if need_gate_up:
+            d_gate_up = torch.empty_like(gate_up_proj)
+            _wgrad(d_gu, hidden, d_gate_up, plan, l_mode=K.PADDED, r_mode=K.BY_TOKEN)
+        if need_x:
+            dx_slots = hidden.new_empty(n * plan.top_k, h)
+            _grouped_gemm(
+                d_gu, gate_up_proj, dx_slots, plan, n_out=h, k_red=two_i, a_by_slot=False, c_by_slot=True,
+                stride_bk=gate_up_proj.stride(1), stride_bn=gate_up_proj.stride(2),
+            )  # fmt: skip
+            dx = dx_slots.view(n, plan.top_k, h).sum(1, dtype=torch.float32).to(hidden.dtype)
         return dx, d_gate_up, d_down, None
 
 
