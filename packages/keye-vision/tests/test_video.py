@@ -162,9 +162,11 @@ def test_hsv_is_opencv_exact():
     colours, want = list(pairs), list(pairs.values())
     rgb = torch.tensor(colours, dtype=torch.uint8).T[:, None, :]  # [3, 1, N]
     assert [tuple(p) for p in rgb_to_hsv_u8(rgb)[:, 0].T.tolist()] == want
+
+
+def test_hsv_matches_opencv_on_a_colour_grid():
     cv2 = pytest.importorskip("cv2")
-    grid = torch.stack(
-        torch.meshgrid(*[torch.arange(0, 256, 3, dtype=torch.uint8)] * 3, indexing="ij")
-    ).reshape(3, 1, -1)
+    axis = torch.arange(0, 256, 3, dtype=torch.uint8)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, 1, -1)
     ref = cv2.cvtColor(grid.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2HSV)
     assert np.array_equal(rgb_to_hsv_u8(grid).permute(1, 2, 0).numpy(), ref)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+_ACTIVATIONS = {"gelu_pytorch_tanh", "gelu", "gelu_new", "quick_gelu"}
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # SigLIP so400m-patch14-384 as used by Keye-VL-1.5: a 27 x 27 position table.
     "siglip-so400m": dict(
@@ -78,6 +80,3 @@ class VisionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-_ACTIVATIONS = {"gelu_pytorch_tanh", "gelu", "gelu_new", "quick_gelu"}

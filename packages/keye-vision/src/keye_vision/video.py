@@ -184,7 +184,8 @@ def load_video(
         raise ValueError(f"seek_mode must be 'auto', 'exact' or 'approximate'; got {seek_mode!r}")
     decoder = _open(path, num_threads, "approximate" if seek_mode == "auto" else seek_mode)
     meta = decoder.metadata
-    if seek_mode == "auto" and (meta.duration_seconds or 0.0) <= LONG_VIDEO_SECONDS:
+    # Short files, and containers whose header lacks a frame count, get an exact index scan.
+    if seek_mode == "auto" and ((meta.duration_seconds or 0.0) <= LONG_VIDEO_SECONDS or not meta.num_frames):
         decoder = _open(path, num_threads, "exact")
         meta = decoder.metadata
     total_frames = meta.num_frames or 0
