@@ -52,6 +52,7 @@ def test_scores_match_the_formula():
 )
 def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, topk, dtype):
     monkeypatch.setattr(triton_kernel, "SCORE_BYTES_PER_CHUNK", 4 * 16 * s)  # several query chunks
+    monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 16 if t > 30 else 10**6)  # both selection paths
     q, k, w = _inputs(b, t, s, h, d, dtype, seed=t * s)
     force_impl("triton")
     got = select_topk(q, k, w, topk)
@@ -85,6 +86,7 @@ def test_candidate_and_fallback_paths_both_run(force_impl, monkeypatch):
         return full(scores, pos, lo, hi, base, active, *rest, **kw)
 
     monkeypatch.setattr(triton_kernel, "_radix_select", spy)
+    monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 1)
     q, k, w = _inputs(1, 60, 60, 4, 16, torch.float32, seed=0)
     _assert_exact_topk(q, k, w, select_topk(q, k, w, 5), 5)
     assert any(cand and n > 0 for cand, n in calls) and any(not cand and n > 0 for cand, n in calls[1:])

@@ -30,6 +30,7 @@ from keye_dsa.ops._triton_utils import dot_flags, mma
 SCORE_BYTES_PER_CHUNK = 1 << 30
 SAMPLE = 2048  # scores sampled per row to place the candidate threshold
 CANDIDATES_PER_TOPK = 8  # candidate buffer per row, in units of topk
+CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows skip the candidate stage
 
 
 @triton.jit
@@ -287,6 +288,9 @@ def topk_chunk(
     lo_f, hi_f, base_f = lo_w.view(-1), hi_w.view(-1), base.to(torch.int32).contiguous().view(-1)
     scores2d = scores.view(flat, width)
     visible = hi_f - lo_f + 1
+    if flat < CANDIDATE_MIN_ROWS:  # a few rows (decoding): fewer launches beat fewer passes
+        _radix_select(scores2d, None, lo_f, hi_f, base_f, torch.ones_like(visible), out, rows, k0, topk, gpu)
+        return
     _radix_select(scores2d, None, lo_f, hi_f, base_f, visible <= topk, out, rows, k0, topk, gpu, search=False)
     # Candidates: keys at or above a threshold sampled from the row (about 2 * topk of them), compacted
     # in key order; the exact radix select then runs on them alone. Rows whose sample misjudged the
