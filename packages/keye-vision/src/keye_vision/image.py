@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+PATCH = 14
 IMAGE_FACTOR = 28  # patch 14 x merge 2: one LLM token per 28 x 28 pixels
 MIN_PIXELS = 4 * IMAGE_FACTOR**2
 MAX_PIXELS = 20480 * IMAGE_FACTOR**2
@@ -115,7 +116,7 @@ def load_image(
 
 
 def to_patches(
-    images: Sequence[torch.Tensor] | torch.Tensor, patch_size: int = 14, merge_size: int = 2
+    images: Sequence[torch.Tensor] | torch.Tensor, patch_size: int = PATCH, merge_size: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise uint8 ``[3, H, W]`` images or frames and cut them into KeyeViT's input.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .image import IMAGE_FACTOR, smart_resize, to_patches
+from .image import IMAGE_FACTOR, PATCH, smart_resize, to_patches
 from .slowfast import MIN_FRAME_SIMILARITY, SlowFastTracker
 
 FPS = 2.0
@@ -48,7 +48,7 @@ class VideoSample:
     def grid_thw(self) -> torch.Tensor:
         """``[num_frames, 3]``: every frame is its own item (t = 1) for the ViT."""
         return torch.tensor(
-            [(1, f.shape[-2] // 14, f.shape[-1] // 14) for f in self.frames], dtype=torch.long
+            [(1, f.shape[-2] // PATCH, f.shape[-1] // PATCH) for f in self.frames], dtype=torch.long
         )
 
     @property
