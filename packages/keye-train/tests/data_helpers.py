@@ -71,6 +71,7 @@ def stage_config(stage: str, data: dict[str, Path], out: Path, **changes) -> Pat
     )
     config = json.loads(text)
     config["model"]["init_args"]["model"] = {"preset": "tiny"}
+    config["data"]["cache_dir"] = str(out / "token_counts")
     config["trainer"]["callbacks"] = [
         c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("RichProgressBar")
     ]

@@ -71,3 +71,30 @@ def test_state_dict_restarts_the_stream_mid_epoch(tmp_path):
     assert len(loader) == len(whole)  # Lightning still sees the whole epoch's length
     assert len(rest) == len(whole) - 2
     assert all(torch.equal(a, b) for a, b in zip(rest, whole[2:]))
+
+
+class CountingEncoder(ByteEncoder):
+    calls = 0
+
+    def encode(self, messages):
+        CountingEncoder.calls += 1
+        return super().encode(messages)
+
+
+def test_measured_counts_are_cached_per_file_and_processor(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", "a" * (i * 40)) for i in range(8)])
+
+    def plan(budget):
+        options = {"num_workers": 0, "encoder": CountingEncoder(), "cache_dir": str(tmp_path / "cache")}
+        dm = KeyeDataModule([Source(str(data))], token_budget=budget, **options)
+        dm.setup("fit")
+        return dm.plans["train"]
+
+    first = plan(400)
+    assert CountingEncoder.calls == 8
+    again = plan(200)  # a smaller budget reuses the counts and excludes more
+    assert CountingEncoder.calls == 8
+    assert again.lengths[0][:3] == first.lengths[0][:3]
+    assert len(again.excluded) > len(first.excluded) and all(s.kind == "over-long" for s in again.excluded)
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # the file changed
+    assert len(plan(400).lengths[0]) == 9 and CountingEncoder.calls == 8 + 9

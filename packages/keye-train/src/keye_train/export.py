@@ -39,9 +39,10 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
     module.configure_model()
     module.load_state_dict(checkpoint["state_dict"])
     out = Path(out)
-    module.model.save_pretrained(out)
     data_state = next((v for k, v in checkpoint.items() if k.endswith("KeyeDataModule")), {}) or {}
-    if "processor_options" in data_state:
-        processor = ProcessorEncoder.build(data_state["processor"], **data_state.get("processor_options", {}))
-        processor.processor.save_pretrained(out)
+    if "processor_options" in data_state and hasattr(module.model, "mlp_AR"):  # a Keye-VL model
+        encoder = ProcessorEncoder.build(data_state["processor"], **data_state["processor_options"])
+        module.model.save_pretrained(out, processor=encoder.processor)
+    else:
+        module.model.save_pretrained(out)
     return out

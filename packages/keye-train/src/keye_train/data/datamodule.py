@@ -8,8 +8,11 @@ the seed, and the train loader's checkpoint state (epoch, batches consumed) rest
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from keye_train.data.dataset import ChatSources, Measure, PackCollator, SampleEncoder, Skipped
 from keye_train.data.plan import default_samples_per_epoch
+from keye_train.data.records import JsonlFile
 from keye_train.data.sampler import PackedBatchSampler
 
 
@@ -50,29 +54,74 @@ class Plan:
     excluded: list[Skipped]
 
 
-def measure(sources: ChatSources, ratios: Sequence[float], num_workers: int) -> Plan:
-    """Token count of every record, this rank's share computed here and the rest gathered."""
+def measure(
+    sources: ChatSources,
+    ratios: Sequence[float],
+    num_workers: int,
+    cache_dir: str | None = None,
+    key: str = "",
+) -> Plan:
+    """Token count of every record (this rank's share computed here, the rest gathered), read from
+    ``cache_dir`` when the same file was measured with the same processor before."""
     rank, world = _dist()
-    items = [(s, i) for s, n in enumerate(sources.sizes()) for i in range(n)]
-    mine = items[rank::world]
-    loader = DataLoader(Measure(sources, mine), batch_size=1, num_workers=num_workers, collate_fn=_first)
+    cached = [_read_cache(cache_dir, file, key) for file in sources.files]
+    items = [(s, i) for s, n in enumerate(sources.sizes()) if cached[s] is None for i in range(n)]
+    loader = DataLoader(
+        Measure(sources, items[rank::world]), batch_size=1, num_workers=num_workers, collate_fn=_first
+    )
     results = list(loader)
     if world > 1:
         gathered: list[list | None] = [None] * world
         torch.distributed.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part or []]
+    raw: list[list[int | Skipped]] = [
+        c if c is not None else [-1] * n for c, n in zip(cached, sources.sizes())
+    ]
+    for (s, i), result in results:
+        raw[s][i] = result
+    if rank == 0:
+        for s, file in enumerate(sources.files):
+            if cached[s] is None:
+                _write_cache(cache_dir, file, key, raw[s])
     lengths = [[-1] * n for n in sources.sizes()]
     excluded: list[Skipped] = []
-    for (s, i), result in results:
-        if isinstance(result, Skipped):
-            excluded.append(result)
-        else:
-            lengths[s][i] = result
+    for s, per in enumerate(raw):
+        for i, result in enumerate(per):
+            bad = result if isinstance(result, Skipped) else sources.over_long((s, i), result)
+            if bad is not None:
+                excluded.append(bad)
+            else:
+                lengths[s][i] = result
     valid = [[i for i, n in enumerate(per) if n >= 0] for per in lengths]
     for records, file in zip(valid, sources.files):
         if not records:
             raise ValueError(f"data source {file.path} has no usable record (see the skipped-record list)")
     return Plan(sources, list(ratios), lengths, valid, sorted(excluded, key=lambda x: x.where))
+
+
+def _cache_path(cache_dir: str, file: JsonlFile, key: str) -> Path:
+    stat = file.path.stat()
+    digest = hashlib.sha1(
+        f"{file.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{key}".encode()
+    ).hexdigest()
+    return Path(cache_dir) / f"{file.path.stem}-{digest[:16]}.json"
+
+
+def _read_cache(cache_dir: str | None, file: JsonlFile, key: str) -> list[int | Skipped] | None:
+    if cache_dir is None or not (path := _cache_path(cache_dir, file, key)).is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return [Skipped(**v) if isinstance(v, dict) else int(v) for v in stored]
+
+
+def _write_cache(cache_dir: str | None, file: JsonlFile, key: str, raw: list[int | Skipped]) -> None:
+    if cache_dir is None:
+        return
+    path = _cache_path(cache_dir, file, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([v.__dict__ if isinstance(v, Skipped) else v for v in raw]))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
 
 
 class KeyeDataModule(L.LightningDataModule):
@@ -81,7 +130,8 @@ class KeyeDataModule(L.LightningDataModule):
     Each step gives every rank ``packs_per_batch`` packs merged into one packed row (``cu_seqlens``).
     ``encoder`` turns messages into model inputs; by default a ``KeyeProcessor`` built from
     ``processor`` (a checkpoint folder with ``tokenizer.json``; the embedded tokenizer when None) and
-    ``processor_options``.
+    ``processor_options``. ``cache_dir`` keeps each file's measured token counts (keyed by the file's
+    path, size, modification time and the processor settings) so later runs and stages skip measuring.
     """
 
     def __init__(
@@ -97,6 +147,7 @@ class KeyeDataModule(L.LightningDataModule):
         processor: str | None = None,
         processor_options: dict[str, Any] | None = None,
         encoder: SampleEncoder | None = None,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if not train:
@@ -111,6 +162,7 @@ class KeyeDataModule(L.LightningDataModule):
         self.processor_path = processor
         self.processor_options = dict(processor_options or {})
         self._encoder = encoder
+        self.cache_dir = cache_dir
         self.plans: dict[str, Plan] = {}
         self.train_sampler: PackedBatchSampler | None = None
 
@@ -130,7 +182,13 @@ class KeyeDataModule(L.LightningDataModule):
     def _plan(self, split: str, sources: list[Source]) -> Plan:
         if split not in self.plans:
             chat = ChatSources([s.path for s in sources], self.encoder, self.token_budget)
-            self.plans[split] = measure(chat, [s.ratio for s in sources], self.num_workers)
+            # counts depend on the processor: its settings are part of the cache key
+            key = json.dumps(
+                [self.processor_path, self.processor_options, type(self.encoder).__name__], sort_keys=True
+            )
+            self.plans[split] = measure(
+                chat, [s.ratio for s in sources], self.num_workers, self.cache_dir, key
+            )
         return self.plans[split]
 
     def setup(self, stage: str) -> None:

@@ -65,7 +65,8 @@ class ChatSources(torch.utils.data.Dataset):
         source, index = item
         return self.files[source].read(index)
 
-    def __getitem__(self, item: tuple[int, int]) -> Sample | Skipped:
+    def encode(self, item: tuple[int, int]) -> Sample | Skipped:
+        """The encoded record, or why it cannot be used (its length is not checked here)."""
         where = self.files[item[0]].where(item[1])
         try:
             record = self.record(item)
@@ -75,10 +76,19 @@ class ChatSources(torch.utils.data.Dataset):
             sample = self.encoder.encode(record.messages)
         except Exception as exc:  # a bad record must never stop the run: it is reported instead
             return Skipped(where, classify(exc), f"{type(exc).__name__}: {exc}")
-        n = num_tokens(sample)
-        if n > self.max_tokens:
-            return Skipped(where, "over-long", f"{n} tokens, more than the {self.max_tokens}-token budget")
         return sample
+
+    def over_long(self, item: tuple[int, int], n: int) -> Skipped | None:
+        if n <= self.max_tokens:
+            return None
+        where = self.files[item[0]].where(item[1])
+        return Skipped(where, "over-long", f"{n} tokens, more than the {self.max_tokens}-token budget")
+
+    def __getitem__(self, item: tuple[int, int]) -> Sample | Skipped:
+        sample = self.encode(item)
+        if isinstance(sample, Skipped):
+            return sample
+        return self.over_long(item, num_tokens(sample)) or sample
 
     def __len__(self) -> int:
         return sum(self.sizes())
@@ -93,7 +103,8 @@ class ChatSources(torch.utils.data.Dataset):
 
 
 class Measure(torch.utils.data.Dataset):
-    """Token counts of a list of items, computed in workers (encoding is the only exact count)."""
+    """Token counts of a list of items, computed in workers (encoding is the only exact count);
+    the budget is not applied here, so counts can be cached whatever the budget."""
 
     def __init__(self, sources: ChatSources, items: Sequence[tuple[int, int]]):
         self.sources, self.items = sources, list(items)
@@ -105,13 +116,8 @@ class Measure(torch.utils.data.Dataset):
         item = self.items[i]
         declared = self.sources.declared_tokens(item)
         if declared is not None:
-            if declared > self.sources.max_tokens:
-                where = self.sources.files[item[0]].where(item[1])
-                return item, Skipped(
-                    where, "over-long", f"declares {declared} tokens > {self.sources.max_tokens}"
-                )
             return item, declared
-        result = self.sources[item]
+        result = self.sources.encode(item)
         return item, result if isinstance(result, Skipped) else num_tokens(result)
 
 

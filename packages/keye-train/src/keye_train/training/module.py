@@ -25,7 +25,7 @@ class ModelConfig:
     """Which model to train: a preset (``tiny``, ``keye-vl-2.0-30b-a3b``) or a checkpoint folder.
 
     ``architecture`` is ``keye-vl`` (vision tower + projector + decoder) or ``decoder`` (the text
-    decoder alone); ``overrides`` replace config fields of the preset (or of the checkpoint's config).
+    decoder alone); ``overrides`` replace config fields of the preset.
     """
 
     preset: str | None = "tiny"
@@ -46,15 +46,14 @@ def build_model(config: ModelConfig) -> nn.Module:
     else:
         raise ValueError(f"model.architecture must be 'keye-vl' or 'decoder'; got {config.architecture!r}")
     if config.pretrained:
-        model = cls.from_pretrained(config.pretrained, **_override_kwargs(config))
-        return model
+        if config.overrides:
+            raise ValueError(
+                "model.overrides apply to a preset; a pretrained checkpoint keeps its config.json"
+            )
+        return cls.from_pretrained(config.pretrained)
     if not config.preset:
         raise ValueError("model needs a preset or a pretrained checkpoint folder")
     return cls(config_cls.preset(config.preset, **config.overrides))
-
-
-def _override_kwargs(config: ModelConfig) -> dict[str, Any]:
-    return {"config_overrides": config.overrides} if config.overrides else {}
 
 
 def indexers(model: nn.Module) -> list[nn.Module]:
