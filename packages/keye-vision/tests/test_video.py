@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import media
@@ -170,3 +171,25 @@ def test_hsv_matches_opencv_on_a_colour_grid():
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).reshape(3, 1, -1)
     ref = cv2.cvtColor(grid.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2HSV)
     assert np.array_equal(rgb_to_hsv_u8(grid).permute(1, 2, 0).numpy(), ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "codec"),
+    [("odd.webm", "321x241", ["-c:v", "libvpx-vp9", "-deadline", "realtime"]),
+     ("strip.mp4", "1280x20", ["-c:v", "libx264"])],
+)  # fmt: skip
+def test_other_codecs_odd_sizes_and_one_patch_row(tmp_path, name, size, codec):
+    """VP9 at an odd size, and a strip whose similarity grid is a single row of patches (where
+    keye-vl-utils itself fails on a squeeze): both sample, split and resize."""
+    path = tmp_path / name
+    source = f"testsrc2=size={size}:rate=24:duration=3"
+    cmd = [sample_media.ffmpeg_binary(), "-y", "-loglevel", "error", "-f", "lavfi", "-i", source, *codec,
+           "-pix_fmt", "yuv420p", str(path)]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    width, height = map(int, size.split("x"))
+    sample = load_video(path)
+    assert len(sample.frames) == 6 and sample.frame_types[0] == "slow" and sample.total_frames == 72
+    slow = sample.frame_types.count("slow")
+    assert sample.slow_size == frame_sizes(height, width, slow, 6 - slow)[0]
+    pixels, grid = sample.to_patches()
+    assert pixels.shape[0] == int(grid.prod(-1).sum())
