@@ -19,6 +19,9 @@ Tokens/s is 32768 / median step time. MFU counts the dense model's FLOPs for eve
 MFU ratios equal throughput ratios.
 
 Usage: python bench_train_step.py [--quick] [--out results.json]; ``--quick`` runs tiny widths on CPU.
+On the lent GPU (packages on PYTHONPATH, no install):
+    PYTHONPATH=packages/keye-moe/src:packages/keye-dsa/src:packages/keye-train/src:packages/keye-vision/src \
+        python packages/keye-train/benchmarks/bench_train_step.py
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -94,7 +98,7 @@ def hf_impls() -> list[str]:
         impls += [n for n in ("grouped_mm",) if n in ALL_EXPERTS_FUNCTIONS]
     except Exception:
         pass
-    return impls
+    return impls[::-1]  # the fastest first: the loop over 128 experts ("eager") is slowest
 
 
 def batch(cfg: DecoderConfig, n_seq: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -151,6 +155,17 @@ def time_steps(loss_fn, model, reps: int) -> float:
     return statistics.median(times)
 
 
+def ensure_plugins() -> None:
+    """Where the packages are only on PYTHONPATH (no entry points), register the plugins by hand."""
+    import keye_dsa.plugin
+    from keye_moe import builtin_plugin, registry
+
+    host = registry.plugin_host()
+    for module, name in ((builtin_plugin, "keye-moe"), (keye_dsa.plugin, "dsa")):
+        if not host.manager.is_registered(module):
+            host.register(module, name=name)
+
+
 def free():
     gc.collect()
     if CUDA:
@@ -160,11 +175,12 @@ def free():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny widths on CPU (checks the script)")
-    parser.add_argument("--out", default="bench_train_step.json")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_train_step.json"))
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     import keye_dsa
 
+    ensure_plugins()
     cfg = slice_config(args.quick)
     dtype = torch.bfloat16 if CUDA else torch.float32
     n_seq, seq = (2, 64) if args.quick else (8, 4096)
@@ -245,6 +261,8 @@ def main() -> int:
         free()
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
+        with open(args.out, "w") as handle:  # after every row: a time limit keeps what was measured
+            json.dump(results, handle, indent=1)
 
     base = next(
         (r for r in results["rows"] if r["name"].startswith("transformers") and "tokens_per_s" in r), None
