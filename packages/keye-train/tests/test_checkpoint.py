@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from keye_train.checkpoint import INDEX_NAME, CheckpointError
+from keye_moe.checkpoint import INDEX_NAME, CheckpointError
 from keye_train.config import KeyeVLConfig
 from keye_train.modeling import KeyeVLForConditionalGeneration
 from keye_train.processor import KeyeProcessor

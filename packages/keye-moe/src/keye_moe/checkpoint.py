@@ -33,10 +33,15 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_EXPERT = re.compile(
+PER_EXPERT_KEY = re.compile(
     r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
 )
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 class CheckpointError(ValueError):
@@ -65,11 +70,13 @@ def _expert_view(e: int, proj: str, inter: int) -> Callable[[torch.Tensor], torc
 
 # ---------------------------------------------------------------------- reading
 def checkpoint_files(path: Path) -> dict[str, Path]:
-    """checkpoint key -> shard file."""
+    """Checkpoint tensor name -> shard file (from the index, or a single ``model.safetensors``)."""
     index = path / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: path / f for k, f in weight_map.items()}
+    if index.is_file():
+        content = json.loads(index.read_text())
+        if "weight_map" not in content:
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        return {k: path / f for k, f in content["weight_map"].items()}
     single = path / SINGLE_NAME
     if single.exists():
         with safe_open(str(single), "pt") as f:
@@ -77,7 +84,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
-def _headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+def read_headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """key -> (shape, dtype string), read from the shard headers only."""
     by_file: dict[Path, list[str]] = defaultdict(list)
     for key, f in files.items():
@@ -146,7 +153,7 @@ def load_pretrained(
             raise FileNotFoundError(f"{path} has no config.json (pass config= to load bare weights)")
         config = DecoderConfig.from_hf_config(json.loads(config_file.read_text()))
     files = checkpoint_files(path)
-    headers = _headers(files)
+    headers = read_headers(files)
     model = build_on_meta(config)
     has_indexer = model.model.layers[0].self_attn.backend_module_name is not None
 
@@ -192,8 +199,8 @@ def load_pretrained(
         )
 
     if dtype is None:
-        first = next((d for _, d in headers.values() if d in _DTYPES), "F32")
-        dtype = _DTYPES[first]
+        first = next((d for _, d in headers.values() if d in SAFETENSORS_DTYPES), "F32")
+        dtype = SAFETENSORS_DTYPES[first]
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(dtype=dtype)
     model.to_empty(device=device)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,22 +24,20 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
+from keye_moe.checkpoint import (
+    PER_EXPERT_KEY,
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    checkpoint_files,
+    read_headers,
+)
+
 if TYPE_CHECKING:
     from keye_train.modeling import KeyeVLForConditionalGeneration
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 VISION_PREFIX = "visual.vision_model."
-_PER_EXPERT = re.compile(
-    r"^(?P<prefix>.+\.mlp\.experts)\.\d+\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
-)
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model; the message names every offending tensor."""
 
 
 @dataclass
@@ -87,35 +84,6 @@ def save_pretrained(
     moe_save(model, path, max_shard_size=max_shard_size, expert_format=expert_format)  # type: ignore[arg-type]
 
 
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> shard file (index, or a single ``model.safetensors``)."""
-    if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        if "weight_map" not in index:
-            raise CheckpointError(f"{path / INDEX_NAME} has no 'weight_map'")
-        return {name: path / shard for name, shard in index["weight_map"].items()}
-    if (path / SINGLE_NAME).is_file():
-        with safe_open(str(path / SINGLE_NAME), "pt") as handle:
-            return dict.fromkeys(handle.keys(), path / SINGLE_NAME)
-    raise FileNotFoundError(f"{path} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
-
-
-def _headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) from the shard headers alone."""
-    by_file: dict[Path, list[str]] = defaultdict(list)
-    for name, file in files.items():
-        by_file[file].append(name)
-    out = {}
-    for file, names in by_file.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"the checkpoint index names {file.name}, which does not exist")
-        with safe_open(str(file), "pt") as handle:
-            for name in names:
-                piece = handle.get_slice(name)
-                out[name] = (tuple(piece.get_shape()), piece.get_dtype())
-    return out
-
-
 def _targets(model: KeyeVLForConditionalGeneration) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """Every name a checkpoint may use -> the model tensor (or expert slice) it fills, and for each
     stacked expert tensor the per-expert names that together fill it."""
@@ -123,7 +91,7 @@ def _targets(model: KeyeVLForConditionalGeneration) -> tuple[dict[str, torch.Ten
     per_expert = {k: v for k, v in export_tensors(model, "per_expert") if k not in fused}
     groups: dict[str, list[str]] = defaultdict(list)
     for name in per_expert:
-        match = _PER_EXPERT.match(name)
+        match = PER_EXPERT_KEY.match(name)
         assert match is not None, name
         stacked = "down_proj" if match["proj"] == "down_proj" else "gate_up_proj"
         groups[f"{match['prefix']}.{stacked}"].append(name)
@@ -186,7 +154,7 @@ def load_pretrained(
     if attn_implementation is not None:
         config.text_config = config.text_config.replace(attn_implementation=attn_implementation)
     files = checkpoint_files(path)
-    headers = _headers(files)
+    headers = read_headers(files)
     with torch.device("meta"):
         model = cls(config)
     layers = model.model.layers
@@ -228,7 +196,7 @@ def load_pretrained(
     report.missing, report.unexpected = missing, unexpected
 
     if dtype is None:
-        dtype = _DTYPES.get(next((d for _, d in headers.values()), "F32"), torch.float32)
+        dtype = SAFETENSORS_DTYPES.get(next((d for _, d in headers.values()), "F32"), torch.float32)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to_empty(device=device)
     model.to(dtype=dtype)
