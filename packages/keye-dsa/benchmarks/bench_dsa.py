@@ -237,6 +237,8 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
     save(path)
     if dev == "cuda":
         stage_breakdown(qi, ki, w, topk, t, reps)
+    if t <= 32768:
+        kl_timings(q, k, qi, ki, w, topk, t, reps)
     k_eff = min(topk, t)
     fwd_bytes = t * hkv * k_eff * d * 2 * 2 + 2 * t * hq * d * 2 + t * topk * 4
     bwd_bytes = t * hkv * k_eff * d * (2 * 2 + 2 * 4) + 4 * t * hq * d * 2 + t * topk * 4
@@ -268,6 +270,20 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
         RESULTS["timings"].append({"case": "peak memory GiB", "T": t, "ms": float("nan"),
                                    "GiB": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
         torch.cuda.reset_peak_memory_stats()
+
+
+def kl_timings(q, k, qi, ki, w, topk, t, reps) -> None:
+    """Sparse-stage indexer KL forward+backward: Triton kernel against the chunked PyTorch path."""
+    idx = random_indices(t, topk, q.device.type)
+    qi_g, ki_g, w_g = (x.detach().clone().requires_grad_(True) for x in (qi, ki, w))
+
+    def run():
+        indexer_kl_loss(q, k, qi_g, ki_g, w_g, indices=idx).backward()
+
+    for impl in ("triton", "reference"):
+        os.environ["KEYE_DSA_IMPL"] = impl
+        add(f"indexer KL sparse fwd+bwd ({impl})", t, timed(run, max(1, reps - 2)))
+    os.environ["KEYE_DSA_IMPL"] = "triton"
 
 
 def stage_breakdown(qi, ki, w, topk, t, reps) -> None:

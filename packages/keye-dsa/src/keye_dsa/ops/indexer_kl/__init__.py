@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from keye_dsa._checks import check_cu_seqlens, check_float, check_rank, check_same
+from keye_dsa._dispatch import impl_for
 from keye_dsa.ops.indexer_kl.chunked import indexer_kl_chunked
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -64,10 +65,27 @@ def indexer_kl_loss(
         check_rank("indices", indices, 3, "[batch, seq, topk]")
         check_same("indices.shape[:2]", tuple(indices.shape[:2]), "q.shape[:2]", tuple(q.shape[:2]))  # type: ignore[arg-type]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if indices is not None and _triton_ok(q, k, q_index, k_index, weights, indices):
+        from keye_dsa.ops.indexer_kl.triton_kernel import SparseIndexerKL
+
+        per_query = SparseIndexerKL.apply(q_index, k_index, weights, q.detach(), k.detach(), indices, scale)
+        return _reduce(per_query, reduction)
     per_query = indexer_kl_chunked(
         q, k, q_index, k_index, weights, indices=indices, scale=scale, key_start=key_start
     )
     return _reduce(per_query, reduction)
+
+
+def _triton_ok(q, k, q_index, k_index, weights, indices) -> bool:
+    """The sparse stage runs the Triton kernel (GQA groups and index heads of at most 16, no fp64)."""
+    tensors = (q, k, q_index, k_index, weights, indices)
+    small = q.shape[2] // k.shape[2] <= 16 and q_index.shape[2] <= 16
+    return (
+        impl_for(*tensors) == "triton"
+        and small
+        and q.dtype != torch.float64
+        and q_index.dtype != torch.float64
+    )
 
 
 def _reduce(per_query: torch.Tensor, reduction: str) -> torch.Tensor:
