@@ -63,6 +63,35 @@ def test_stop_ids_and_strings_stop_each_row(tiny_model):
         tiny_model.generate(ids, stop_strings=["x"])
 
 
+def test_streamer_sees_each_step_and_its_columns_equal_the_result(tiny_model):
+    prompts = [torch.randint(3, 512, (n,)) for n in (7, 3)]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, 7 - len(p) :] = p
+        mask[r, 7 - len(p) :] = 1
+    free = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
+    stop = int(free[1, 2])  # row 1 stops at step 3 at the latest; row 0 runs on, then pads
+    streamed = []
+    out = tiny_model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        eos_token_id=stop,
+        pad_token_id=1,
+        streamer=lambda t: streamed.append(t.clone()),
+    )
+    assert all(t.shape == (2,) for t in streamed)
+    assert torch.equal(torch.stack(streamed, 1), out)
+    first = int((out[1] == stop).nonzero()[0])
+    assert first <= 2 and (out[1, first + 1 :] == 1).all()
+    quiet = tiny_model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=stop, pad_token_id=1
+    )
+    assert torch.equal(quiet, out)  # streaming changes nothing
+    assert tiny_model.generate(ids, max_new_tokens=0, streamer=streamed.append).shape == (2, 0)
+
+
 def test_sampling_options():
     logits = torch.randn(4, 50)
     g = torch.Generator().manual_seed(0)

@@ -2,8 +2,9 @@
 
 Prompts of different lengths are left-padded (``attention_mask`` marks real tokens); each row stops on
 its own and is padded with ``pad_token_id`` afterwards. Stop strings need a ``decode`` callback (ids ->
-text) because keye-moe has no tokenizer. ``use_cache=False`` recomputes the full forward every step: the
-slow path the tests compare the cache against.
+text) because keye-moe has no tokenizer. A ``streamer`` callback sees each step's new tokens as they are
+picked, for showing or serving a reply token by token. ``use_cache=False`` recomputes the full forward
+every step: the slow path the tests compare the cache against.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Return the new tokens ``[B, n]`` (n <= max_new_tokens; rows that stopped early are padded).
 
@@ -81,6 +83,11 @@ def generate(
     ``position_ids [3, B, T]``), left-padded with ``attention_mask`` when rows differ in length. A row
     stops after emitting ``eos_token_id`` (default: the config's) or any of ``stop_token_ids``, or once
     ``decode(new_ids)`` contains one of ``stop_strings``; the stop token or string stays in the output.
+
+    ``streamer(tokens)``, when given, is called once per decoding step with that step's new tokens ``[B]``
+    (never with prompt tokens), exactly the column appended to the result: the step that emits a stop id
+    or completes a stop string is streamed, rows that stopped earlier get ``pad_token_id``, and no call
+    follows the step after which every row has stopped. The streamed columns stacked equal the result.
     """
     cfg = model.config
     if max_new_tokens < 0:
@@ -135,6 +142,8 @@ def generate(
         )
         token = torch.where(done, torch.full_like(token, pad), token)
         new_tokens.append(token)
+        if streamer is not None:
+            streamer(token)
         if stops:
             done |= torch.isin(token, torch.tensor(sorted(stops), device=device))
         if stop_strings:
