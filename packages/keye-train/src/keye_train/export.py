@@ -35,7 +35,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
         raise ValueError(
             f"{ckpt_path} was not written by a keye-train module (no {MODULE_CLASS_KEY!r} entry)"
         )
-    module = module_class(checkpoint[MODULE_CLASS_KEY])(**checkpoint.get("hyper_parameters", {}))
+    # LightningCLI adds bookkeeping entries (``_class_path``, ``_instantiator``) to the arguments
+    arguments = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    module = module_class(checkpoint[MODULE_CLASS_KEY])(**arguments)
     module.configure_model()
     module.load_state_dict(checkpoint["state_dict"])
     out = Path(out)

@@ -25,7 +25,8 @@ class ModelConfig:
     """Which model to train: a preset (``tiny``, ``keye-vl-2.0-30b-a3b``) or a checkpoint folder.
 
     ``architecture`` is ``keye-vl`` (vision tower + projector + decoder) or ``decoder`` (the text
-    decoder alone); ``overrides`` replace config fields of the preset.
+    decoder alone); ``overrides`` replace config fields of the preset (or, for Keye-VL, of the
+    checkpoint's config, e.g. adding ``sa_config`` before the DSA warm-up).
     """
 
     preset: str | None = "tiny"
@@ -103,9 +104,12 @@ class KeyeLMTraining(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.model_config = model or ModelConfig()
+        # plain dicts too: that is how checkpoints store the arguments for `keye-train export`
+        self.model_config = ModelConfig(**model) if isinstance(model, dict) else model or ModelConfig()
         self.trainable = list(trainable) if trainable is not None else self.default_trainable()
-        self.optimizer_config = optimizer or OptimizerConfig()
+        self.optimizer_config = (
+            OptimizerConfig(**optimizer) if isinstance(optimizer, dict) else optimizer or OptimizerConfig()
+        )
         self.grad_clip = grad_clip
         self.activation_checkpointing = activation_checkpointing
         self.aux_loss_coef = aux_loss_coef
@@ -134,6 +138,9 @@ class KeyeLMTraining(L.LightningModule):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         inputs = {k: v for k, v in batch.items() if k in self._model_inputs()}
+        positions = inputs.get("position_ids")
+        if self.model_config.architecture == "decoder" and positions is not None and positions.dim() == 3:
+            inputs["position_ids"] = positions[0]  # text only: the three M-RoPE rows are equal
         return self.model(**inputs)
 
     def _model_inputs(self) -> tuple[str, ...]:
