@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from keye_train.config import KeyeVLConfig
-from keye_train.modeling import KeyeVLForConditionalGeneration
+from keye_train.modeling import KeyeVLForConditionalGeneration, TextDeltas
 from keye_train.processor import KeyeProcessor
 from keye_train.registry import plugin_host
 
@@ -177,6 +177,30 @@ def test_chat_helper_returns_reply_text(processor):
     with pytest.raises(ValueError, match="left-padded"):
         prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b c d e"}]]
         model.generate(**processor(prompts, add_generation_prompt=True, padding_side="right"))
+
+
+def test_chat_streams_deltas_that_add_up_to_the_reply(processor):
+    model = tiny_model()
+    hi = [{"role": "user", "content": "Hi"}]
+    deltas = []
+    reply = model.chat(hi, processor=processor, max_new_tokens=12, eos_token_id=[], stream=deltas.append)
+    assert "".join(deltas) == reply == model.chat(hi, processor=processor, max_new_tokens=12, eos_token_id=[])
+    assert len(deltas) > 1 and all(deltas)  # sent as generated, not once at the end
+    with pytest.raises(ValueError, match="not both"):
+        model.chat(hi, processor=processor, stream=print, streamer=print)
+
+
+def test_text_deltas_never_split_a_character(processor):
+    text = "Café 世界 🙂 done"
+    ids = processor.tokenizer.encode(text)
+    assert any(processor.decode(ids[:k]).endswith("\ufffd") for k in range(len(ids)))  # bytes do split
+    deltas = []
+    stream = TextDeltas(processor.decode, deltas.append)
+    for i in ids:
+        stream(torch.tensor([i]))
+    stream.close()
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+    assert "世" in deltas and "🙂" in deltas  # released as soon as the last byte arrives
 
 
 def test_components_come_from_the_registries():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +39,36 @@ def vision_runs(is_vision: torch.Tensor) -> torch.Tensor:
     starts = (edges == 1).nonzero()
     ends = (edges == -1).nonzero()
     return ends[:, 1] - starts[:, 1]
+
+
+class TextDeltas:
+    """A ``generate`` streamer that turns row 0's new tokens into text deltas for ``on_text``.
+
+    A byte-level token can end inside a multi-byte character, which decodes to U+FFFD until later tokens
+    complete it, so text is held back while the decode ends in U+FFFD. Only a short window is decoded
+    each step (the tokens of the last delta, for context, and the unsent ones), so the cost stays linear
+    in the reply's length; for byte-level BPE (Qwen's) the deltas concatenate to the decode of all the
+    tokens. ``close`` releases whatever is still held at the end.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None]):
+        self.decode, self.on_text = decode, on_text
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # the window starts at ``prefix``; tokens before ``read`` were sent
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        self._send(final=False)
+
+    def close(self) -> None:
+        self._send(final=True)
+
+    def _send(self, final: bool) -> None:
+        sent = self.decode(self.ids[self.prefix : self.read])
+        text = self.decode(self.ids[self.prefix :])
+        if len(text) > len(sent) and (final or not text.endswith("\ufffd")):
+            self.on_text(text[len(sent) :])
+            self.prefix, self.read = self.read, len(self.ids)
 
 
 class KeyeVLForConditionalGeneration(nn.Module):
@@ -271,7 +302,7 @@ class KeyeVLForConditionalGeneration(nn.Module):
         positions; decoding then runs the decoder's cached loop (KV cache, plus the DSA index cache when
         DSA is on), each new token at one past the largest position so far. Options (``max_new_tokens``,
         ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``stop_strings`` with ``decode``,
-        ``eos_token_id``, ``use_cache``...) are the decoder's ``generate``'s.
+        ``eos_token_id``, ``use_cache``, ``streamer``...) are the decoder's ``generate``'s.
         """
         del labels, rope_deltas
         if attention_mask is not None and bool(attention_mask[:, -1].eq(0).any()):
@@ -295,13 +326,16 @@ class KeyeVLForConditionalGeneration(nn.Module):
         tools: list[dict[str, Any]] | None = None,
         enable_thinking: bool = True,
         max_new_tokens: int = 512,
+        stream: Callable[[str], None] | None = None,
         **generate_kwargs: Any,
     ) -> str:
         """One call from chat messages (text, images, videos; OpenAI format) to the reply text.
 
         Tool calls and thinking stay in the text (``<tool_call>...</tool_call>``, ``<think>...</think>``)
-        for the caller to parse; chat control tokens are dropped. ``processor`` defaults to the embedded
-        tokenizer's ``KeyeProcessor``, which only fits the ``tiny`` vocabulary."""
+        for the caller to parse; chat control tokens are dropped. ``stream``, when given, receives the
+        reply's text deltas while it is generated (see ``TextDeltas``); they concatenate to the returned
+        text. ``processor`` defaults to the embedded tokenizer's ``KeyeProcessor``, which only fits the
+        ``tiny`` vocabulary."""
         from keye_train.processor import KeyeProcessor
 
         processor = processor if processor is not None else KeyeProcessor()
@@ -317,5 +351,12 @@ class KeyeVLForConditionalGeneration(nn.Module):
         batch = processor(messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking)
         device = next(self.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
+        deltas = None
+        if stream is not None:
+            if "streamer" in generate_kwargs:
+                raise ValueError("chat takes stream= (text deltas) or streamer= (token ids), not both")
+            deltas = generate_kwargs["streamer"] = TextDeltas(processor.decode, stream)
         new = self.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
+        if deltas is not None:
+            deltas.close()
         return processor.decode(new[0])
