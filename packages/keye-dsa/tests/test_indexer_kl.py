@@ -76,15 +76,24 @@ def test_kl_is_zero_when_indexer_matches_target():
     assert indexer_kl_loss(q, k, qi, ki, w, reduction="none")[0, 0].abs() < 1e-12
 
 
-def test_packed_matches_per_sequence():
-    q, k, qi, ki, w = _inputs(b=1, t=12, seed=6)
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_packed_matches_per_sequence(force_impl, stage):
+    force_impl("triton")  # the sparse stage runs the kernel, sequence by sequence
+    q, k, qi, ki, w = _inputs(b=1, t=12, dtype=torch.float32, seed=6)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    got = indexer_kl_loss(q[0], k[0], qi[0], ki[0], w[0], cu_seqlens=cu, reduction="none")
-    want = torch.cat(
-        [indexer_kl_loss(q[:, a:b], k[:, a:b], qi[:, a:b], ki[:, a:b], w[:, a:b], reduction="none")[0]
-         for a, b in ((0, 5), (5, 12))]
-    )  # fmt: skip
-    assert rel_err(got, want) < 1e-12
+    bounds = ((0, 5), (5, 12))
+    rel = None
+    if stage == "sparse":
+        rel = select_topk(qi[0].detach(), ki[0].detach(), w[0].detach(), 3, cu_seqlens=cu)
+    got = indexer_kl_loss(q[0], k[0], qi[0], ki[0], w[0], indices=rel, cu_seqlens=cu, reduction="none")
+    want = []
+    for a, b in bounds:
+        idx = None if rel is None else rel[None, a:b]
+        part = indexer_kl_reference(
+            q[:, a:b], k[:, a:b], qi[:, a:b], ki[:, a:b], w[:, a:b], indices=idx, scale=0.25
+        )
+        want.append(part[0])
+    assert rel_err(got, torch.cat(want)) < 1e-5
 
 
 def test_clear_errors():
