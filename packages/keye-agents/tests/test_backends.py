@@ -1,7 +1,7 @@
 import pytest
 
 from keye_agents import LocalBackend, ScriptedBackend
-from keye_agents.backends import BackendError, VisibleText, reply_from_message
+from keye_agents.backends import BackendError, Reply, VisibleText, reply_from_message
 
 
 class RecordingModel:
@@ -10,8 +10,13 @@ class RecordingModel:
     def __init__(self, reply):
         self.reply, self.seen = reply, []
 
-    def chat(self, messages, **kwargs):
+    def chat(self, messages, stream=None, **kwargs):
         self.seen.append((messages, kwargs))
+        self.generating = True
+        for start in range(0, len(self.reply), 5):  # deltas while "generating", as keye-train sends them
+            if stream is not None:
+                stream(self.reply[start : start + 5])
+        self.generating = False
         return self.reply
 
 
@@ -22,15 +27,41 @@ def test_local_backend_passes_messages_tools_and_options_and_parses_calls():
     backend = LocalBackend(model, "PROCESSOR", max_new_tokens=7, enable_thinking=False)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     streamed = []
-    reply = backend.complete([{"role": "user", "content": "hi"}], tools, on_text=streamed.append)
+    reply = backend.complete(
+        [{"role": "user", "content": "hi"}], tools, on_text=lambda t: streamed.append((t, model.generating))
+    )
     messages, kwargs = model.seen[0]
     assert messages == [{"role": "user", "content": "hi"}]
     assert kwargs == {"tools": tools, "processor": "PROCESSOR", "max_new_tokens": 7, "enable_thinking": False}
     assert (reply.content, reply.reasoning, reply.finish_reason) == ("Looking.", "need data", "tool_calls")
     assert [(c.name, c.arguments) for c in reply.tool_calls] == [("f", {"a": 1})]
-    assert "".join(streamed) == "<think>need data</think>Looking.\n"
+    assert "".join(t for t, _ in streamed) == "<think>need data</think>Looking.\n"
+    assert len(streamed) > 1 and all(during for _, during in streamed)  # real deltas, not a replay
     assert backend.complete([{"role": "user", "content": "x"}], [])
     assert model.seen[1][1]["tools"] is None
+
+
+@pytest.mark.slow
+def test_local_backend_streams_the_tiny_models_tokens(monkeypatch):
+    keye_train = pytest.importorskip("keye_train")
+    if not hasattr(keye_train, "KeyeVLForConditionalGeneration"):
+        pytest.skip("keye_train does not provide KeyeVLForConditionalGeneration yet")
+    monkeypatch.delenv("KEYE_PLUGINS")  # keye-train assembles the model from the other packages' plugins
+    backend = LocalBackend.from_preset("tiny", max_new_tokens=12, eos_token_id=[])
+    messages = [{"role": "user", "content": "hi"}]
+    whole, visible = backend.model.chat(messages, **backend.generate), []
+    VisibleText.replay(whole, visible.append)
+
+    decoded, streamed, generate = [], [], backend.model.generate
+
+    def counting_generate(*args, streamer, **kwargs):  # counts tokens as the decoder emits them
+        return generate(*args, streamer=lambda t: decoded.append(t) or streamer(t), **kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", counting_generate)
+    reply = backend.complete(messages, [], on_text=lambda t: streamed.append((t, len(decoded))))
+    assert len(decoded) == 12 and len(streamed) > 1 and streamed[0][1] < 12  # text came mid-generation
+    assert "".join(t for t, _ in streamed) == "".join(visible)
+    assert reply == Reply.from_text(whole)
 
 
 def test_local_backend_turns_openai_image_parts_into_keye_image_parts():

@@ -319,9 +319,9 @@ def test_openai_client_against_the_tiny_local_model(serve, monkeypatch):
     ]
     seeing = api.chat.completions.create(model="keye-test", messages=[{"role": "user", "content": content}])
     assert seeing.choices[0].message.role == "assistant" and seeing.choices[0].finish_reason is not None
-    chunks = list(
-        api.chat.completions.create(
-            model="keye-test", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-    )
+    hi = [{"role": "user", "content": "hi"}]
+    chunks = list(api.chat.completions.create(model="keye-test", messages=hi, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason is not None
+    deltas = [c.choices[0].delta.content for c in chunks[1:] if c.choices[0].delta.content]
+    whole = api.chat.completions.create(model="keye-test", messages=hi).choices[0].message.content
+    assert len(deltas) > 1 and "".join(deltas).strip() == whole  # token by token; the reply is stripped

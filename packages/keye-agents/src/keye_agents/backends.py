@@ -283,6 +283,7 @@ class LocalBackend:
 
     keye-train's Qwen3 chat template puts the tools in the system prompt and renders earlier calls and
     results in Hermes form; calls are parsed from the generated text, exactly as the model was trained.
+    With ``on_text``, text streams token by token as it is generated (``model.chat(..., stream=...)``).
     Extra keyword options (``enable_thinking``, ``temperature``, ...) go to ``model.chat``. Pass a built
     ``model`` (and ``processor``), or use ``from_pretrained`` or ``from_preset``.
     """
@@ -332,7 +333,10 @@ class LocalBackend:
         kwargs = dict(self.generate)
         if self.processor is not None:
             kwargs["processor"] = self.processor
+        visible = VisibleText(on_text) if on_text is not None else None
+        if visible is not None:
+            kwargs["stream"] = visible.feed  # text deltas as keye-train generates the tokens
         text = self.model.chat([keye_parts(m) for m in messages], tools=list(tools) or None, **kwargs)
-        if on_text is not None:
-            VisibleText.replay(text, on_text)
+        if visible is not None:
+            visible.close()
         return Reply.from_text(text)
