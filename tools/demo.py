@@ -25,7 +25,7 @@ import temporal_grounding as tg
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "outputs" / "demo"
 STAGES = ["stage0_align", "stage1_pretrain", "stage2_sft", "dsa_warmup", "dsa_sparse"]
-TRAIN_CLIPS, VAL_CLIPS, TEST_CLIPS = 160, 16, 64
+TRAIN_CLIPS, VAL_CLIPS, TEST_CLIPS = 256, 16, 64
 
 
 def stage_dir(stage: str) -> Path:
@@ -46,14 +46,16 @@ def train_stage(stage: str) -> float:
     return time.time() - start
 
 
-def answer(model_dir: Path, clips: list[tg.Clip], batch_size: int = 16) -> list[str]:
+def answer(model_dir: Path, clips: list[tg.Clip], dsa_mode: str, batch_size: int = 16) -> list[str]:
     """Greedy replies to the grounding question for each clip (left-padded batches, KV cache)."""
+    import keye_dsa
     import torch
 
     from keye_train.modeling import KeyeVLForConditionalGeneration
     from keye_train.processor import KeyeProcessor
 
     model = KeyeVLForConditionalGeneration.from_pretrained(model_dir).eval()
+    keye_dsa.set_dsa_mode(model, dsa_mode)  # "off": dense attention, as stages 0-3 trained
     processor = KeyeProcessor.from_pretrained(model_dir)
     replies: list[str] = []
     for i in range(0, len(clips), batch_size):
@@ -65,8 +67,8 @@ def answer(model_dir: Path, clips: list[tg.Clip], batch_size: int = 16) -> list[
     return replies
 
 
-def evaluate(model_dir: Path, clips: list[tg.Clip]) -> tuple[dict[str, float], list[str]]:
-    replies = answer(model_dir, clips)
+def evaluate(model_dir: Path, clips: list[tg.Clip], dsa_mode: str) -> tuple[dict[str, float], list[str]]:
+    replies = answer(model_dir, clips, dsa_mode)
     truths = [(c.start, c.end) for c in clips]
     return tg.score([tg.parse_interval(r) for r in replies], truths), replies
 
@@ -132,9 +134,9 @@ def main() -> int:
         "blind prior (best fixed interval)": tg.prior([(c.start, c.end) for c in clips["train"]], truths),
     }
     results["after stage 2 (dense attention)"], _ = evaluate(
-        stage_dir("stage2_sft") / "export", clips["test"]
+        stage_dir("stage2_sft") / "export", clips["test"], "off"
     )
-    final, replies = evaluate(stage_dir("dsa_sparse") / "export", clips["test"])
+    final, replies = evaluate(stage_dir("dsa_sparse") / "export", clips["test"], "sparse")
     results["final (DSA sparse attention)"] = final
     total = time.time() - started
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from data_helpers import demo_data, metrics, stage_config
@@ -35,6 +36,7 @@ def run(config: Path, *, callbacks=(), ckpt_path=None):
     cli = lightning_cli(["--config", str(config)], run=False)
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli
 
 
 @pytest.mark.slow
@@ -48,9 +50,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
                                "init_args": {"dirpath": None, "every_n_train_steps": 2, "save_last": True}}],
     }  # fmt: skip
     whole = tmp_path / "whole"
-    run(stage_config("stage2_sft", data, whole, **options))
+    trained = run(stage_config("stage2_sft", data, whole, **options))
     expected = metrics(whole, "train/lm_loss")
     assert len(expected) == 7
+    check_export(trained, next(whole.rglob("last.ckpt")), tmp_path / "export")
+    check_predict(data, tmp_path / "export", tmp_path / "predict")
 
     broken = tmp_path / "broken"
     config = stage_config("stage2_sft", data, broken, **options)
@@ -62,3 +66,35 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert len(killed) >= 4 and killed == expected[: len(killed)]
     # the resumed run restarts after step 4 (its checkpoint, inside epoch 1) and ends at step 7
     assert resumed == expected[4:], (resumed, expected)
+
+
+def check_export(cli, ckpt: Path, out: Path) -> None:
+    """`keye-train export` writes a composite checkpoint that reloads to the trained model's logits."""
+    from keye_train.cli import main
+    from keye_train.modeling import KeyeVLForConditionalGeneration
+    from keye_train.processor import KeyeProcessor
+
+    assert main(["export", str(ckpt), str(out)]) == 0
+    assert (out / "model.safetensors.index.json").is_file() or (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    reloaded = KeyeVLForConditionalGeneration.from_pretrained(out).eval()
+    trained = cli.model.model.eval()
+    processor = KeyeProcessor.from_pretrained(out)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "cu_seqlens", "pixel_values", "grid_thw")}
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, trained(**inputs).logits)
+    assert len(processor.tokenizer) == len(KeyeProcessor().tokenizer)
+
+
+def check_predict(data: dict, export: Path, out: Path) -> None:
+    """`keye-train predict` answers the held-out prompts with the exported model and writes JSONL."""
+    import json
+
+    config = stage_config("stage2_sft", data, out, **{"data.predict": [{"path": str(data["grounding_test"])}],
+                                                     "model.init_args.max_new_tokens": 6})  # fmt: skip
+    cli = lightning_cli(["--config", str(config), f"--model.init_args.model.pretrained={export}"], run=False)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    rows = [json.loads(line) for line in next(out.rglob("predictions.jsonl")).read_text().splitlines()]
+    assert [r["where"].rsplit(":", 1)[1] for r in rows] == ["1", "2"]
+    assert all(r["reference"].startswith("from ") and isinstance(r["reply"], str) for r in rows)

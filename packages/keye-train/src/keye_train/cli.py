@@ -33,7 +33,7 @@ def lightning_cli(argv: list[str] | None, *, run: bool = True):
     ``KeyeDataModule``; the bad-record report is always on."""
     from lightning.pytorch.cli import LightningCLI
 
-    from keye_train.data import BadRecordReport, KeyeDataModule
+    from keye_train.data import BadRecordReport, KeyeDataModule, PredictionWriter
     from keye_train.training import KeyeLMTraining
 
     return LightningCLI(
@@ -41,7 +41,10 @@ def lightning_cli(argv: list[str] | None, *, run: bool = True):
         KeyeDataModule,
         subclass_mode_model=True,
         # the data module's sampler shards packs by rank itself (that is what makes it resumable)
-        trainer_defaults={"callbacks": [BadRecordReport()], "use_distributed_sampler": False},
+        trainer_defaults={
+            "callbacks": [BadRecordReport(), PredictionWriter()],
+            "use_distributed_sampler": False,
+        },
         save_config_kwargs={"overwrite": True},
         args=argv,
         run=run,

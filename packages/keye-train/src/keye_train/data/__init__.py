@@ -3,6 +3,7 @@
 from keye_train.data.datamodule import KeyeDataModule, Source
 from keye_train.data.dataset import ChatSources, PackCollator, SampleEncoder, Skipped
 from keye_train.data.plan import mixed_items, packed
+from keye_train.data.predictions import PredictionWriter
 from keye_train.data.records import JsonlFile, Record, RecordError, parse_record
 from keye_train.data.report import BadRecordReport
 from keye_train.data.sampler import PackedBatchSampler
@@ -14,6 +15,7 @@ __all__ = [
     "KeyeDataModule",
     "PackCollator",
     "PackedBatchSampler",
+    "PredictionWriter",
     "Record",
     "RecordError",
     "SampleEncoder",

@@ -19,7 +19,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from keye_train.data.dataset import ChatSources, Measure, PackCollator, SampleEncoder, Skipped
+from keye_train.data.dataset import (
+    ChatSources,
+    Measure,
+    PackCollator,
+    PromptCollator,
+    Prompts,
+    SampleEncoder,
+    Skipped,
+)
 from keye_train.data.plan import default_samples_per_epoch
 from keye_train.data.records import JsonlFile
 from keye_train.data.sampler import PackedBatchSampler
@@ -138,6 +146,8 @@ class KeyeDataModule(L.LightningDataModule):
         self,
         train: list[Source],
         val: list[Source] | None = None,
+        test: list[Source] | None = None,
+        predict: list[Source] | None = None,
         *,
         token_budget: int = 4096,
         packs_per_batch: int = 1,
@@ -148,12 +158,15 @@ class KeyeDataModule(L.LightningDataModule):
         processor_options: dict[str, Any] | None = None,
         encoder: SampleEncoder | None = None,
         cache_dir: str | None = None,
+        predict_batch_size: int = 8,
     ):
         super().__init__()
         if not train:
             raise ValueError("train needs at least one source")
         self.train_sources = [s if isinstance(s, Source) else Source(**s) for s in train]
         self.val_sources = [s if isinstance(s, Source) else Source(**s) for s in val or []]
+        self.test_sources = [s if isinstance(s, Source) else Source(**s) for s in test or []]
+        self.predict_sources = [s if isinstance(s, Source) else Source(**s) for s in predict or []]
         self.token_budget = token_budget
         self.packs_per_batch = packs_per_batch
         self.samples_per_epoch = samples_per_epoch
@@ -163,6 +176,7 @@ class KeyeDataModule(L.LightningDataModule):
         self.processor_options = dict(processor_options or {})
         self._encoder = encoder
         self.cache_dir = cache_dir
+        self.predict_batch_size = predict_batch_size
         self.plans: dict[str, Plan] = {}
         self.train_sampler: PackedBatchSampler | None = None
 
@@ -196,6 +210,8 @@ class KeyeDataModule(L.LightningDataModule):
             self._plan("train", self.train_sources)
         if self.val_sources and stage in ("fit", "validate"):
             self._plan("val", self.val_sources)
+        if self.test_sources and stage == "test":
+            self._plan("test", self.test_sources)
 
     def _sampler(self, plan: Plan, samples_per_epoch: int, **options: Any) -> PackedBatchSampler:
         rank, world = _dist()
@@ -224,14 +240,33 @@ class KeyeDataModule(L.LightningDataModule):
         self.train_sampler = self._sampler(plan, samples, packs_per_batch=self.packs_per_batch)
         return self._loader(plan, self.train_sampler)
 
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.val_sources:
+    def _evaluation_loader(self, split: str, sources: list[Source]) -> DataLoader | list:
+        if not sources:
             return []
-        plan = self._plan("val", self.val_sources)
-        # every usable record once, in a fixed order: validation never depends on the epoch
+        plan = self._plan(split, sources)
+        # every usable record once, in a fixed order: evaluation never depends on the epoch
         sizes = [len(v) for v in plan.valid]
         sampler = self._sampler(plan, sum(sizes), ratios=sizes, follow_epochs=False, drop_last=False)
         return self._loader(plan, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._evaluation_loader("val", self.val_sources)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._evaluation_loader("test", self.test_sources)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        """Every record of ``predict`` as a prompt (up to its last assistant turn), this rank's share,
+        left-padded in batches of ``predict_batch_size`` for ``model.generate``."""
+        if not self.predict_sources:
+            return []
+        chat = ChatSources([s.path for s in self.predict_sources], self.encoder, self.token_budget)
+        rank, world = _dist()
+        items = [(s, i) for s, n in enumerate(chat.sizes()) for i in range(n)][rank::world]
+        return DataLoader(
+            Prompts(chat, items), batch_size=self.predict_batch_size, num_workers=self.num_workers,
+            collate_fn=PromptCollator(self.encoder),
+        )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """The processor settings, so ``keye-train export`` can save the processor with the model.

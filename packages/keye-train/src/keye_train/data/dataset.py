@@ -134,3 +134,42 @@ class PackCollator:
         batch["skipped"] = skipped
         batch["num_samples"] = len(samples)
         return batch
+
+
+class Prompts(torch.utils.data.Dataset):
+    """Records as generation prompts: the messages before the last assistant turn, with that turn's text
+    kept as the reference answer (for ``keye-train predict``)."""
+
+    def __init__(self, sources: ChatSources, items: Sequence[tuple[int, int]]):
+        self.sources, self.items = sources, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[str, str, Any]:
+        item = self.items[i]
+        where = self.sources.files[item[0]].where(item[1])
+        try:
+            messages = self.sources.record(item).messages
+            last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+            reference = messages[last]["content"]
+            prompt = self.sources.encoder.encode_prompt(messages[:last])  # type: ignore[attr-defined]
+        except Exception as exc:
+            return where, "", Skipped(where, classify(exc), f"{type(exc).__name__}: {exc}")
+        return where, reference if isinstance(reference, str) else "", prompt
+
+
+class PromptCollator:
+    """Left-padded prompts plus where each came from and its reference answer."""
+
+    def __init__(self, encoder: SampleEncoder):
+        self.encoder = encoder
+
+    def __call__(self, results: Sequence[tuple[str, str, Any]]) -> dict[str, Any]:
+        good = [r for r in results if not isinstance(r[2], Skipped)]
+        batch = self.encoder.collate_prompts([r[2] for r in good]) if good else {}  # type: ignore[attr-defined]
+        batch["where"] = [r[0] for r in good]
+        batch["reference"] = [r[1] for r in good]
+        batch["skipped"] = [r[2] for r in results if isinstance(r[2], Skipped)]
+        batch["num_samples"] = len(good)
+        return batch

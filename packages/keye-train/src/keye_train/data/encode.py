@@ -34,3 +34,13 @@ class ProcessorEncoder:
 
     def collate(self, samples: Sequence[Any]) -> dict[str, Any]:
         return self.processor.collate(samples, packing=True)
+
+    def encode_prompt(self, messages: list[dict[str, Any]]) -> Any:
+        """The conversation up to the assistant's turn, ready for generation (thinking off)."""
+        return self.processor.encode_chat(messages, add_generation_prompt=True, enable_thinking=False)
+
+    def collate_prompts(self, samples: Sequence[Any]) -> dict[str, Any]:
+        return self.processor.collate(samples, padding_side="left")
+
+    def decode(self, ids: Any) -> str:
+        return self.processor.decode(ids)

@@ -88,6 +88,7 @@ class KeyeLMTraining(L.LightningModule):
         activation_checkpointing: recompute every block in the backward pass.
         aux_loss_coef: weight of the router load-balancing loss (None: the model config's value).
         fsdp_param_dtype: FSDP2 parameter dtype for compute (``bfloat16``; None keeps fp32).
+        max_new_tokens: reply length limit of ``keye-train predict``.
     """
 
     dsa_mode = "off"  # stages 0-3 attend densely; the indexers (if any) wait for the DSA stages
@@ -101,6 +102,7 @@ class KeyeLMTraining(L.LightningModule):
         activation_checkpointing: bool = False,
         aux_loss_coef: float | None = None,
         fsdp_param_dtype: str | None = None,
+        max_new_tokens: int = 64,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -114,6 +116,7 @@ class KeyeLMTraining(L.LightningModule):
         self.activation_checkpointing = activation_checkpointing
         self.aux_loss_coef = aux_loss_coef
         self.fsdp_param_dtype = getattr(torch, fsdp_param_dtype) if fsdp_param_dtype else None
+        self.max_new_tokens = max_new_tokens
         self.model: nn.Module | None = None
 
     def default_trainable(self) -> list[str]:
@@ -123,7 +126,7 @@ class KeyeLMTraining(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = build_model(self.model_config)
+        model = build_model(self.model_config).train()  # from_pretrained hands back eval mode
         set_dsa_mode(model, self.dsa_mode)
         parallel.freeze(model, self.trainable)  # the patterns decide, not set_dsa_mode's defaults
         if self.dsa_mode == "off":  # unused indexers must not look trainable (DDP would wait for them)
@@ -199,6 +202,20 @@ class KeyeLMTraining(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """Greedy replies to the data module's ``predict`` prompts: ``{where, reply, reference}``."""
+        if not batch.get("num_samples"):
+            return []
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if self.model_config.architecture == "keye-vl":
+            inputs |= {k: batch[k] for k in ("pixel_values", "grid_thw") if k in batch}
+        new = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
+        decode = self.trainer.datamodule.encoder.decode
+        return [
+            {"where": where, "reply": decode(row), "reference": reference}
+            for where, row, reference in zip(batch["where"], new, batch["reference"])
+        ]
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
