@@ -126,7 +126,10 @@ class KeyeLMTraining(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = build_model(self.model_config).train()  # from_pretrained hands back eval mode
+        # built on the CPU whatever the strategy, so a seed gives the same weights on every device count
+        # (Lightning then moves or shards it); from_pretrained hands back eval mode
+        with torch.device("cpu"):
+            model = build_model(self.model_config).train()
         set_dsa_mode(model, self.dsa_mode)
         parallel.freeze(model, self.trainable)  # the patterns decide, not set_dsa_mode's defaults
         if self.dsa_mode == "off":  # unused indexers must not look trainable (DDP would wait for them)
