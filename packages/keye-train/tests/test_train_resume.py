@@ -77,7 +77,11 @@ def check_export(cli, ckpt: Path, out: Path) -> None:
     assert main(["export", str(ckpt), str(out)]) == 0
     assert (out / "model.safetensors.index.json").is_file() or (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    import keye_dsa
+
     reloaded = KeyeVLForConditionalGeneration.from_pretrained(out).eval()
+    keye_dsa.set_dsa_mode(reloaded, "off")  # stage 2 trains with dense attention (indexers off)
+    cli.model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])  # the checkpointed step
     trained = cli.model.model.eval()
     processor = KeyeProcessor.from_pretrained(out)
     batch = next(iter(cli.datamodule.train_dataloader()))

@@ -57,7 +57,8 @@ STAGES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_tiny_stage_trains_and_freezes(stage, data, tmp_path):
+def test_tiny_stage_trains_and_freezes(stage, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["keye-train"])
     column, trained = STAGES[stage]
     overrides = {"trainer.max_steps": STEPS, "data.num_workers": 0, "data.token_budget": 1024}
     if stage == "stage3_longctx":
