@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-MODES = ("baseline", "keye", "keye_ffmpeg_threads", "keye_decode", "pyav", "pyav_threads")
+MODES = ("baseline", "keye", "keye_2", "keye_decode", "keye_decode_2", "pyav", "pyav_reformatter",
+         "pyav_reformatter_threads")  # fmt: skip
+PEERS = ("pyav", "pyav_reformatter", "pyav_reformatter_threads")
 
 
 # One measurement, run as `python bench_video.py --child MODE PATH`; prints a JSON line.
@@ -31,40 +34,50 @@ def child(mode: str, path: str, threads: int) -> None:
     torch.set_num_threads(threads)
     import av
     import torchcodec.decoders
+    from av.video.reformatter import VideoReformatter
 
-    from keye_vision import load_video, sample_count, sample_indices
+    from keye_vision import decode_chunks, load_video, sample_count, sample_indices
 
-    start = time.perf_counter()  # imports stay out of the time; their memory is the baseline row
+    load = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()  # imports stay out; their RSS is "baseline"
     frames = 0
-    if mode in ("keye", "keye_ffmpeg_threads"):
-        sample = load_video(path, num_threads=1 if mode == "keye" else 0)
+    if mode in ("keye", "keye_2"):  # the whole preprocessing: sampling, slow/fast, resizing
+        sample = load_video(path, decode_workers=1 if mode == "keye" else 2)
         frames = len(sample.frames)
-    elif mode == "keye_decode":  # sampling alone: the same indices, torchcodec, in load_video's chunks
+    elif mode in ("keye_decode", "keye_decode_2"):  # sampling alone: load_video's indices and decoding
         decoder = torchcodec.decoders.VideoDecoder(path, seek_mode="approximate", dimension_order="NHWC")
         total, fps = decoder.metadata.num_frames, decoder.metadata.average_fps
         wanted = sample_indices(total, sample_count(total, fps))
-        kept = [decoder.get_frames_at(wanted[i : i + 32]).data for i in range(0, len(wanted), 32)]
+        workers = 1 if mode == "keye_decode" else 2
+        kept = list(decode_chunks(path, wanted, workers=workers, seek_mode="approximate", decoder=decoder))
         frames = sum(len(k) for k in kept)
-    elif mode in ("pyav", "pyav_threads"):
+    elif mode in PEERS:  # decode in order, keep the sampled frames as RGB arrays
         with av.open(path) as container:
             stream = container.streams.video[0]
-            if mode == "pyav_threads":
+            if mode == "pyav_reformatter_threads":
                 stream.thread_type = "AUTO"
             total, fps = stream.frames, float(stream.average_rate)
             wanted = sample_indices(total, sample_count(total, fps))
             want = set(wanted)
             kept = []
+            # frame.to_ndarray(format=...) builds a new swscale context per frame (~1 ms at 256x144);
+            # one reused VideoReformatter converts the same pixels in ~0.1 ms.
+            reformatter = VideoReformatter()
             for i, frame in enumerate(container.decode(stream)):
                 if i in want:
-                    kept.append(frame.to_ndarray(format="rgb24"))
+                    if mode == "pyav":
+                        kept.append(frame.to_ndarray(format="rgb24"))
+                    else:
+                        kept.append(reformatter.reformat(frame, format="rgb24").to_ndarray())
                 if i >= wanted[-1]:
                     break
         frames = len(kept)
     elif mode != "baseline":
         raise ValueError(f"unknown mode {mode!r}")
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"mode": mode, "seconds": seconds, "frames": frames, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "frames": frames,
+                      "peak_rss_mb": peak_mb, "load_avg_1min": load}))  # fmt: skip
 
 
 def measure(mode: str, path: Path, threads: int) -> dict:
@@ -109,17 +122,28 @@ def main() -> None:
             row = {"minutes": minutes, "mode": mode, "frames": rows[0]["frames"],
                    "seconds": statistics.median(r["seconds"] for r in rows),
                    "seconds_all": [r["seconds"] for r in rows],
+                   "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rows),
+                   "load_avg_1min": [r["load_avg_1min"] for r in rows],
                    "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows)}  # fmt: skip
             row["video_seconds_per_second"] = minutes * 60 / row["seconds"] if row["frames"] else None
             results.append(row)
+        # Throughput ratios to the PyAV peers measured in the same run (median seconds).
+        this = [r for r in results if r["minutes"] == minutes]
+        best_peer = min((r for r in this if r["mode"] in PEERS), key=lambda r: r["seconds"])
+        for r in this:
+            if r["frames"]:
+                r["x_pyav"] = next(p["seconds"] for p in this if p["mode"] == "pyav") / r["seconds"]
+                r["x_best_pyav"] = best_peer["seconds"] / r["seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"width": args.width, "height": args.height, "fps": args.fps,
                                           "results": results}, indent=1))  # fmt: skip
-    print(f"\n{'video':>7} {'mode':>19} {'frames':>6} {'seconds':>8} {'video s/s':>9} {'peak RSS MB':>11}")
+    print(f"\n{'video':>7} {'mode':>24} {'frames':>6} {'seconds':>8} {'cpu s':>6} {'video s/s':>9} "
+          f"{'x pyav':>6} {'x best':>6} {'peak RSS MB':>11}")  # fmt: skip
     for r in results:
         vps = f"{r['video_seconds_per_second']:.0f}" if r["video_seconds_per_second"] else "-"
-        print(f"{r['minutes']:>5g}m {r['mode']:>19} {r['frames']:>6} {r['seconds']:>8.2f} {vps:>9} "
-              f"{r['peak_rss_mb']:>11.0f}")  # fmt: skip
+        ratios = f"{r['x_pyav']:>6.2f} {r['x_best_pyav']:>6.2f}" if r["frames"] else f"{'-':>6} {'-':>6}"
+        print(f"{r['minutes']:>5g}m {r['mode']:>24} {r['frames']:>6} {r['seconds']:>8.2f} "
+              f"{r['cpu_seconds']:>6.2f} {vps:>9} {ratios} {r['peak_rss_mb']:>11.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sample_media
 import torch
 import torch.nn.functional as F
 
-from keye_vision import frame_sizes, load_video, sample_count, sample_indices
+from keye_vision import decode_chunks, frame_sizes, load_video, sample_count, sample_indices
 from keye_vision.slowfast import SlowFastTracker, frame_similarity, rgb_to_hsv_u8
 from keye_vision.video import VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS
 
@@ -128,6 +128,19 @@ def test_sampled_frames_are_the_requested_ones(videos):
         assert seen == [spec.object_present(t) for t in sample.timestamps]
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_decode_chunks_returns_the_requested_frames_in_order(videos, workers):
+    """Several decoding threads, each seeking its own decoder, still hand back each index's frame."""
+    wanted = [59, 0, 7, 8, 30, 31, 45, 2, 58]
+    chunks = list(decode_chunks(videos["object"], wanted, workers=workers, chunk=2, seek_mode="exact"))
+    assert [len(c) for c in chunks] == [2, 2, 2, 2, 1]
+    frames = torch.cat(chunks)
+    assert frames.dtype == torch.uint8 and frames.shape[1:] == (3, 144, 192)
+    assert [sample_media.read_index(f.permute(1, 2, 0).numpy()) for f in frames] == wanted
+    threaded = load_video(videos["short"], decode_workers=workers)
+    assert threaded.frame_types == load_video(videos["short"]).frame_types
+
+
 def test_budget_options_shrink_frames(videos):
     small = load_video(videos["object"], fps=10.0, max_frames=5, max_pixels=48 * 28 * 28)
     assert len(small.frames) == 5 and small.video_fps == 10.0 and small.total_frames == 60
@@ -149,6 +162,8 @@ def test_errors_name_the_file(videos, tmp_path):
         load_video(videos["short"], fps=0)
     with pytest.raises(ValueError, match="seek_mode must be"):
         load_video(videos["short"], seek_mode="fast")
+    with pytest.raises(ValueError, match="workers and chunk must be at least 1; got workers=0"):
+        load_video(videos["short"], decode_workers=0)
 
 
 def test_hsv_is_opencv_exact():

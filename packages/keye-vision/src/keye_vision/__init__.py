@@ -5,7 +5,7 @@ from .config import VisionConfig
 from .image import load_image, smart_resize, to_patches
 from .model import KeyeViT
 from .projector import Projector
-from .video import VideoSample, frame_sizes, load_video, sample_count, sample_indices
+from .video import VideoSample, decode_chunks, frame_sizes, load_video, sample_count, sample_indices
 from .weights import LoadReport, load_prefixed, load_vision_weights
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "VideoSample",
     "VisionConfig",
     "available_backends",
+    "decode_chunks",
     "frame_sizes",
     "load_image",
     "load_prefixed",

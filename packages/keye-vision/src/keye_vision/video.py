@@ -5,13 +5,19 @@ Sampling, frame counts, slow/fast split and token budgets follow ``keye-vl-utils
 at indices ``round(linspace(0, total_frames - 1, n))``, timestamps ``index / video_fps``; the per-frame
 budget of slow frames is the binary search of ``slow_tokens`` below, fast frames get 0.3 of it.
 
-Only the sampled frames are decoded (``get_frames_at``, in chunks), slow/fast is decided while
-streaming, and frames larger than any budget could use are shrunk on arrival: memory is proportional
-to the frames kept, never to the video's length.
+Only the sampled frames are decoded (``get_frames_at``, in chunks, by background threads that decode
+ahead while the caller scores and resizes), slow/fast is decided while streaming, and frames larger
+than any budget could use are shrunk on arrival: memory is proportional to the frames kept, never to
+the video's length.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +168,58 @@ def _has_audio(path: Path) -> bool:
     return True
 
 
+def decode_chunks(
+    path: str | Path,
+    indices: Sequence[int],
+    *,
+    workers: int = 1,
+    seek_mode: str = "approximate",
+    num_threads: int = 1,
+    chunk: int = CHUNK,
+    decoder=None,
+) -> Iterator[torch.Tensor]:
+    """The frames at ``indices`` as uint8 ``[n, 3, h, w]`` chunks of ``chunk`` frames, in order.
+
+    ``workers`` threads decode ahead of the caller, each with its own torchcodec decoder (decoding
+    releases the GIL), so decoding overlaps the caller's work and, with 2+ workers, other decoding;
+    at most ``workers + 1`` chunks are in flight, so memory does not grow with the video. ``decoder``:
+    an open decoder for ``path`` (in ``seek_mode``) that the first worker reuses."""
+    if workers < 1 or chunk < 1:
+        raise ValueError(f"workers and chunk must be at least 1; got workers={workers}, chunk={chunk}")
+    parts = [list(indices[start : start + chunk]) for start in range(0, len(indices), chunk)]
+    return _decode_ahead(Path(path), parts, workers, seek_mode, num_threads, decoder)
+
+
+def _decode_ahead(path: Path, parts: list[list[int]], workers: int, seek_mode: str, num_threads: int,
+                  decoder) -> Iterator[torch.Tensor]:  # fmt: skip
+    spare = [decoder] if decoder is not None else []
+    local, lock = threading.local(), threading.Lock()
+
+    def decode(part: list[int]) -> torch.Tensor:
+        if not hasattr(local, "decoder"):
+            with lock:
+                local.decoder = spare.pop() if spare else None
+            if local.decoder is None:
+                local.decoder = _open(path, num_threads, seek_mode)
+        try:
+            return local.decoder.get_frames_at(part).data.permute(0, 3, 1, 2)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"decoding frames {part[0]}..{part[-1]} of {path} failed: {err}") from None
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="keye-decode") as pool:
+        pending: deque = deque()
+        try:
+            for part in parts:
+                pending.append(pool.submit(decode, part))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the caller stopped early or failed: drop what was not started yet
+            for future in pending:
+                future.cancel()
+
+
 def load_video(
     path: str | Path,
     *,
@@ -173,20 +231,24 @@ def load_video(
     min_frame_similarity: float = MIN_FRAME_SIMILARITY,
     seek_mode: str = "auto",
     num_threads: int = 1,
+    decode_workers: int = 1,
 ) -> VideoSample:
     """Sample ``path`` at ``fps`` within the token budget, split slow/fast frames, resize each.
 
     ``seek_mode`` "auto" scans short files for an exact frame index and opens files longer than
     5 minutes in torchcodec's approximate mode; ``num_threads`` 0 lets FFmpeg choose (1, the
-    default, measured fastest on a busy 2-core machine)."""
+    default, measured fastest on a busy 2-core machine); ``decode_workers`` threads decode ahead
+    (see :func:`decode_chunks`) while this thread scores and resizes."""
     path = Path(path)
     if seek_mode not in ("auto", "exact", "approximate"):
         raise ValueError(f"seek_mode must be 'auto', 'exact' or 'approximate'; got {seek_mode!r}")
-    decoder = _open(path, num_threads, "approximate" if seek_mode == "auto" else seek_mode)
+    mode = "approximate" if seek_mode == "auto" else seek_mode
+    decoder = _open(path, num_threads, mode)
     meta = decoder.metadata
     # Short files, and containers whose header lacks a frame count, get an exact index scan.
     if seek_mode == "auto" and ((meta.duration_seconds or 0.0) <= LONG_VIDEO_SECONDS or not meta.num_frames):
-        decoder = _open(path, num_threads, "exact")
+        mode = "exact"
+        decoder = _open(path, num_threads, mode)
         meta = decoder.metadata
     total_frames = meta.num_frames or 0
     video_fps = meta.average_fps_from_header or meta.average_fps or 0.0
@@ -205,15 +267,14 @@ def load_video(
     shrink = ceiling[0] * ceiling[1] < height * width
     tracker = SlowFastTracker(min_frame_similarity)
     kept: list[torch.Tensor] = []
-    for start in range(0, count, CHUNK):
-        chunk = indices[start : start + CHUNK]
-        try:
-            batch = decoder.get_frames_at(chunk).data.permute(0, 3, 1, 2)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"decoding frames {chunk[0]}..{chunk[-1]} of {path} failed: {err}") from None
-        tracker.update(batch)
-        kept.extend(_resize(list(batch), ceiling) if shrink else batch.clone().unbind(0))
-        del batch
+    chunks = decode_chunks(path, indices, workers=decode_workers, seek_mode=mode, num_threads=num_threads,
+                           decoder=decoder)  # fmt: skip
+    del decoder  # the decoding thread owns it now
+    with closing(chunks):  # on an error, stop the decoding threads now
+        for batch in chunks:
+            tracker.update(batch)
+            kept.extend(_resize(list(batch), ceiling) if shrink else batch.clone().unbind(0))
+            del batch
     num_slow = sum(tracker.is_slow)
     slow_size, fast_size = frame_sizes(height, width, num_slow, count - num_slow, min_pixels=min_pixels,
                                        max_pixels=max_pixels, total_pixels=total_pixels)  # fmt: skip
