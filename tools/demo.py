@@ -153,7 +153,8 @@ def main() -> int:
     timing = ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items())
     (OUT / "report.md").write_text(
         "# Keye demo: temporal grounding with the tiny Keye-VL, trained on CPU\n\n"
-        f"Task: {len(clips['train'])} training clips (4 s, 8 frames at 2 fps), {len(truths)} held-out clips; "
+        f"Task: {len(clips['train'])} training clips ({tg.SECONDS:g} s, {tg.NUM_FRAMES} frames at 2 fps), "
+        f"{len(truths)} held-out clips; "
         f'question "{tg.QUESTION}"; answers "from a to b" in seconds.\n\n'
         f"```\n{table}\n```\n\nFirst held-out answers of the final model:\n{examples}\n\n"
         f"Stages: {timing}; whole demo {total:.0f} s. Loss curves: loss_curve.png.\n"

@@ -1,9 +1,11 @@
 """A synthetic temporal-grounding task for `make demo`: when does the red square appear?
 
-Each clip is drawn by the sample-media generator at 2 fps for 4 s, so the processor samples exactly
-eight frames at 0.0, 0.5, ..., 3.5 s and announces each by its timestamp. The red square is present
-on frames ``k .. m - 1`` (``0 <= k < m <= 7``); the answer is ``"from a to b"`` with ``a = k / 2`` (the
+Each clip is drawn by the sample-media generator at 2 fps for 3 s, so the processor samples exactly
+six frames at 0.0, 0.5, ..., 2.5 s and announces each by its timestamp. The red square is present
+on frames ``k .. m - 1`` (``0 <= k < m <= 5``); the answer is ``"from a to b"`` with ``a = k / 2`` (the
 first frame showing it) and ``b = m / 2`` (the first frame after it), both timestamps the model sees.
+(Six frames of at least 48 tokens each, Keye-VL-1.5's minimum, keep a sample near 350 tokens: what a
+tiny model can learn on two CPU cores in a few minutes.)
 Scoring is temporal IoU against ``[a, b)``; the chance baseline draws a uniformly random valid interval.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import sample_media
 
-SECONDS = 4.0
+SECONDS = 3.0
 FPS = 2.0  # the source frame rate equals the sampling rate: frame i is at i / FPS seconds
 WIDTH, HEIGHT = 128, 96
 NUM_FRAMES = round(SECONDS * FPS)
