@@ -13,6 +13,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +22,28 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 MODES = ("baseline", "keye", "keye_2", "keye_decode", "keye_decode_2", "pyav", "pyav_reformatter",
-         "pyav_reformatter_threads")  # fmt: skip
-PEERS = ("pyav", "pyav_reformatter", "pyav_reformatter_threads")
+         "pyav_reformatter_threads", "pyav_2threads")  # fmt: skip
+PEERS = ("pyav", "pyav_reformatter", "pyav_reformatter_threads", "pyav_2threads")
+
+
+def pyav_part(path: str, part: list[int], out: list) -> None:
+    """PyAV peer for one thread: seek to the keyframe before ``part[0]``, decode in order to ``part[-1]``,
+    keep the wanted frames as RGB (frame index from the pts: these files have a constant frame rate)."""
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    want, reformatter = set(part), VideoReformatter()
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps, base = float(stream.average_rate), stream.time_base
+        if part[0] > 0:
+            container.seek(int(part[0] / fps / base), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            i = round(float(frame.pts * base) * fps)
+            if i in want:
+                out.append(reformatter.reformat(frame, format="rgb24").to_ndarray())
+            if i >= part[-1]:
+                break
 
 
 # One measurement, run as `python bench_video.py --child MODE PATH`; prints a JSON line.
@@ -51,6 +72,18 @@ def child(mode: str, path: str, threads: int) -> None:
         workers = 1 if mode == "keye_decode" else 2
         kept = list(decode_chunks(path, wanted, workers=workers, seek_mode="approximate", decoder=decoder))
         frames = sum(len(k) for k in kept)
+    elif mode == "pyav_2threads":  # the file's two halves in two threads, each its own container
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            total, fps = stream.frames, float(stream.average_rate)
+        wanted = sample_indices(total, sample_count(total, fps))
+        halves, outs = (wanted[: len(wanted) // 2], wanted[len(wanted) // 2 :]), ([], [])
+        threads = [threading.Thread(target=pyav_part, args=(path, h, o)) for h, o in zip(halves, outs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        frames = sum(len(o) for o in outs)
     elif mode in PEERS:  # decode in order, keep the sampled frames as RGB arrays
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -96,6 +129,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=144)
     parser.add_argument("--fps", type=float, default=25.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", default="outputs/bench_video.json")
     args = parser.parse_args()
     if args.child:
@@ -115,7 +149,7 @@ def main() -> None:
         # Round-robin repeats, median per mode: the machine is shared, so load drifts during a run.
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
-            for mode in MODES:
+            for mode in args.modes:
                 runs.setdefault(mode, []).append(measure(mode, path, args.threads))
                 print(json.dumps({"minutes": minutes, **runs[mode][-1]}), flush=True)
         for mode, rows in runs.items():
@@ -129,11 +163,11 @@ def main() -> None:
             results.append(row)
         # Throughput ratios to the PyAV peers measured in the same run (median seconds).
         this = [r for r in results if r["minutes"] == minutes]
-        best_peer = min((r for r in this if r["mode"] in PEERS), key=lambda r: r["seconds"])
+        peers = {r["mode"]: r["seconds"] for r in this if r["mode"] in PEERS}
         for r in this:
-            if r["frames"]:
-                r["x_pyav"] = next(p["seconds"] for p in this if p["mode"] == "pyav") / r["seconds"]
-                r["x_best_pyav"] = best_peer["seconds"] / r["seconds"]
+            if r["frames"] and peers:
+                r["x_pyav"] = peers["pyav"] / r["seconds"] if "pyav" in peers else float("nan")
+                r["x_best_pyav"] = min(peers.values()) / r["seconds"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"width": args.width, "height": args.height, "fps": args.fps,
                                           "results": results}, indent=1))  # fmt: skip
@@ -141,7 +175,9 @@ def main() -> None:
           f"{'x pyav':>6} {'x best':>6} {'peak RSS MB':>11}")  # fmt: skip
     for r in results:
         vps = f"{r['video_seconds_per_second']:.0f}" if r["video_seconds_per_second"] else "-"
-        ratios = f"{r['x_pyav']:>6.2f} {r['x_best_pyav']:>6.2f}" if r["frames"] else f"{'-':>6} {'-':>6}"
+        ratios = (
+            f"{r['x_pyav']:>6.2f} {r['x_best_pyav']:>6.2f}" if "x_best_pyav" in r else f"{'-':>6} {'-':>6}"
+        )
         print(f"{r['minutes']:>5g}m {r['mode']:>24} {r['frames']:>6} {r['seconds']:>8.2f} "
               f"{r['cpu_seconds']:>6.2f} {vps:>9} {ratios} {r['peak_rss_mb']:>11.0f}")  # fmt: skip
 
