@@ -50,6 +50,25 @@ def _tile_layout(G: tl.constexpr, P: tl.constexpr, D, BLOCK_M: tl.constexpr, BLO
 
 
 @triton.jit
+def _gather_kv(
+    K, V, IDX, b, t, n0, KTOP, sib, sit, skb, sks, skh, svb, svs, svh, kv_col, col_dim, col_ok,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One step's BLOCK_N selected indices of token t and their K/V rows for the pack (-1 slots masked)."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
+    ok = idx >= 0
+    kmask = ok[:, None] & col_ok[None, :]
+    kt = tl.load(
+        K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0
+    )
+    vt = tl.load(
+        V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0
+    )
+    return idx, ok, kmask, kt, vt
+
+
+@triton.jit
 def _sparse_fwd(
     Q, K, V, IDX, O, LSE,
     sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt,
@@ -69,16 +88,10 @@ def _sparse_fwd(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, P * BLOCK_D], tl.float32)
     for n0 in range(0, KTOP, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
-        ok = idx >= 0
-        kmask = ok[:, None] & col_ok[None, :]
-        kt = tl.load(
-            K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0
-        )
-        vt = tl.load(
-            V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0
-        )
+        _, ok, _, kt, vt = _gather_kv(
+            K, V, IDX, b, t, n0, KTOP, sib, sit, skb, sks, skh, svb, svs, svh,
+            kv_col, col_dim, col_ok, BLOCK_N,
+        )  # fmt: skip
         s = mma(q, tl.trans(kt), PRECISE, UPCAST)
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -119,16 +132,10 @@ def _sparse_bwd(
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, P * BLOCK_D], tl.float32)
     for n0 in range(0, KTOP, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1).to(tl.int64)
-        ok = idx >= 0
-        kmask = ok[:, None] & col_ok[None, :]
-        kt = tl.load(
-            K + b * skb + idx[:, None] * sks + kv_col[None, :] * skh + col_dim[None, :], mask=kmask, other=0.0
-        )
-        vt = tl.load(
-            V + b * svb + idx[:, None] * svs + kv_col[None, :] * svh + col_dim[None, :], mask=kmask, other=0.0
-        )
+        idx, ok, kmask, kt, vt = _gather_kv(
+            K, V, IDX, b, t, n0, KTOP, sib, sit, skb, sks, skh, svb, svs, svh,
+            kv_col, col_dim, col_ok, BLOCK_N,
+        )  # fmt: skip
         s = mma(q, tl.trans(kt), PRECISE, UPCAST)
         dp = mma(do, tl.trans(vt), PRECISE, UPCAST)
         p = tl.where(ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
