@@ -63,9 +63,11 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     last = next(broken.rglob("last.ckpt"))
     run(config, ckpt_path=str(last))  # resumes at step 4: mid-epoch, with data, optimizer, schedule
     killed, resumed = metrics(broken, "train/lm_loss", "0"), metrics(broken, "train/lm_loss", "1")
-    assert len(killed) >= 4 and killed == expected[: len(killed)]
+    # CPU kernels with several threads may differ in the last bits between two identical runs (seen: 2 ulp
+    # at step 4), so equality is to 1e-5 relative; a resume from the wrong step or data position is off by >1%
+    assert len(killed) >= 4 and killed == pytest.approx(expected[: len(killed)], rel=1e-5)
     # the resumed run restarts after step 4 (its checkpoint, inside epoch 1) and ends at step 7
-    assert resumed == expected[4:], (resumed, expected)
+    assert resumed == pytest.approx(expected[4:], rel=1e-5), (resumed, expected)
 
 
 def check_export(cli, ckpt: Path, out: Path) -> None:
