@@ -3,7 +3,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.keye-setup-stamp
 PKGS   := keye-dsa keye-vision keye-moe keye-train keye-agents
-export TRITON_INTERPRET ?= 1
 
 .PHONY: setup demo test lint format bench test-standalone clean
 
@@ -32,8 +31,15 @@ PKG ?= keye-dsa
 test-standalone:
 	bash tools/test_standalone.sh $(PKG)
 
+# CPU benchmarks run anywhere, the GPU ones only with CUDA; each prints a table and writes JSON (its --out).
+CPU_BENCH := packages/keye-vision/benchmarks/bench_video.py packages/keye-agents/benchmarks/bench_runtime.py
+GPU_BENCH := packages/keye-dsa/benchmarks/bench_dsa.py packages/keye-moe/benchmarks/bench_moe.py \
+             packages/keye-vision/benchmarks/bench_vit.py packages/keye-train/benchmarks/bench_train_step.py
 bench: setup
-	@echo "Benchmarks need a CUDA GPU: see BENCHMARKS.md and packages/*/benchmarks/."
+	@for script in $(CPU_BENCH); do echo "== $$script"; $(PY) $$script || exit 1; done
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  for script in $(GPU_BENCH); do echo "== $$script"; $(PY) $$script || exit 1; done; \
+	else echo "no CUDA GPU: skipped $(GPU_BENCH)"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
