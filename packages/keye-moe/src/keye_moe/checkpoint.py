@@ -135,6 +135,28 @@ def _summarize(names: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def check_load_plan(
+    path: Path, target: str, misshaped: list[str], missing: list[str], unexpected: list[str], strict: bool
+) -> None:
+    """Refuse a checkpoint that does not fit, naming every offending tensor; warn when non-strict."""
+    problems = []
+    if misshaped:
+        problems.append(f"shape mismatch for {len(misshaped)} tensor(s): " + "; ".join(misshaped[:20]))
+    if missing and strict:
+        problems.append(f"missing {len(missing)} tensor(s): {_summarize(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_summarize(unexpected)}")
+    if problems:
+        raise CheckpointError(f"cannot load {path} into {target}: " + " | ".join(problems))
+    if missing or unexpected:
+        log.warning(
+            "loading %s non-strictly: missing %s; unexpected %s",
+            path,
+            _summarize(missing),
+            _summarize(unexpected),
+        )
+
+
 def load_pretrained(
     cls: type[KeyeMoeForCausalLM],
     path: str | Path,
@@ -181,22 +203,7 @@ def load_pretrained(
         want = tuple(slot.view(params[slot.param]).shape)
         if want != headers[key][0]:
             mismatched.append(f"{key}: checkpoint {list(headers[key][0])}, model {list(want)}")
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch for {len(mismatched)} tensor(s): " + "; ".join(mismatched[:20]))
-    if missing and strict:
-        problems.append(f"missing {len(missing)} tensor(s): {_summarize(missing)}")
-    if unexpected and strict:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_summarize(unexpected)}")
-    if problems:
-        raise CheckpointError(f"cannot load {path} into KeyeMoeForCausalLM: " + " | ".join(problems))
-    if missing or unexpected:
-        log.warning(
-            "loading %s non-strictly: missing %s; unexpected %s",
-            path,
-            _summarize(missing),
-            _summarize(unexpected),
-        )
+    check_load_plan(path, "KeyeMoeForCausalLM", mismatched, missing, unexpected, strict)
 
     if dtype is None:
         first = next((d for _, d in headers.values() if d in SAFETENSORS_DTYPES), "F32")

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from keye_moe.checkpoint import (
     PER_EXPERT_KEY,
     SAFETENSORS_DTYPES,
-    CheckpointError,
+    check_load_plan,
     checkpoint_files,
     read_headers,
 )
@@ -123,10 +123,6 @@ def plan_load(model: KeyeVLForConditionalGeneration, headers: dict[str, tuple[tu
     return chosen, missing, unexpected, ignored, misshaped
 
 
-def _summary(names: list[str], limit: int = 20) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def load_pretrained(
     cls: type[KeyeVLForConditionalGeneration],
     path: str | Path,
@@ -175,24 +171,7 @@ def load_pretrained(
         )
 
     required = [k for k in missing if not optional(k)]
-    problems = []
-    if misshaped:
-        problems.append(f"shape mismatch for {len(misshaped)} tensor(s): " + "; ".join(misshaped[:20]))
-    if required and strict:
-        problems.append(f"missing {len(required)} tensor(s): {_summary(required)}")
-    if unexpected and strict:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {_summary(unexpected)}")
-    if problems:
-        raise CheckpointError(
-            f"cannot load {path} into KeyeVLForConditionalGeneration: " + " | ".join(problems)
-        )
-    if required or unexpected:
-        log.warning(
-            "loading %s non-strictly: missing %s; unexpected %s",
-            path,
-            _summary(required),
-            _summary(unexpected),
-        )
+    check_load_plan(path, "KeyeVLForConditionalGeneration", misshaped, required, unexpected, strict)
     report.missing, report.unexpected = missing, unexpected
 
     if dtype is None:
