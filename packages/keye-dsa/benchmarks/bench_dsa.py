@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from keye_dsa import indexer_kl_loss, select_topk, sparse_attention
+from keye_dsa import indexer_kl_loss, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
@@ -301,34 +301,71 @@ def stage_breakdown(qi, ki, w, topk, t, reps) -> None:
     add("last chunk: scores + select", t, full, rows=rows, score_ms=scores, select_ms=full - scores)
 
 
+def graphed(fn):
+    """``fn`` captured once in a CUDA graph; the returned callable replays it (no launch overhead)."""
+    fn()  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def bench_decode(dev: str, smoke: bool, reps: int) -> None:
+    """One new token per row against a 128K cache at batch 8, eager and replayed from a CUDA graph.
+
+    DSA runs on a preallocated cache of a larger capacity with the filled length as a device tensor
+    (``select_topk_decode``), the way a graph-captured decoder keeps it; dense SDPA reads exactly the
+    filled keys. Both are timed eager and graphed, in the same run.
+    """
     b, s, hq, hkv, d, h_i, d_i, topk = (
         (2, 300, 8, 2, 16, 4, 16, 16) if smoke else (8, 131072, 32, 4, 128, 4, 128, 2048)
     )
+    cap = s + 256
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     q = torch.randn(b, 1, hq, d, device=dev, dtype=dt)
-    k = torch.randn(b, s, hkv, d, device=dev, dtype=dt)
-    v = torch.randn(b, s, hkv, d, device=dev, dtype=dt)
+    k = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
+    v = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
     qi = torch.randn(b, 1, h_i, d_i, device=dev, dtype=dt)
-    ki = torch.randn(b, s, d_i, device=dev, dtype=dt)
+    ki = torch.randn(b, cap, d_i, device=dev, dtype=dt)
     w = torch.randn(b, 1, h_i, device=dev, dtype=torch.float32)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    dense_ms = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), reps)
-    add(
-        "decode dense SDPA (batch 8, 128K cache)",
-        s,
-        dense_ms,
-        TBps=2 * k.numel() * k.element_size() / dense_ms / 1e9,
-    )
+    lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
+    qt = q.transpose(1, 2)
+    kt, vt = (x[:, :s].transpose(1, 2).contiguous() for x in (k, v))
+    kv_bytes = 2 * kt.numel() * kt.element_size()
 
-    def dsa():
-        idx = select_topk(qi, ki, w, topk)
+    def dense():
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+    def select():
+        return select_topk_decode(qi, ki, w, topk, lengths, validate=False)
+
+    idx = select()
+
+    def sparse():
         return sparse_attention(q, k, v, idx, validate_indices=False)
 
-    sel_ms = timed(lambda: select_topk(qi, ki, w, topk), reps)
+    def dsa():
+        return sparse_attention(q, k, v, select(), validate_indices=False)
+
+    want = select_topk(qi, ki[:, :s], w, topk)
+    record_check("decode: select_topk_decode == select_topk (same index sets)", float(
+        not torch.equal(idx.sort(-1).values, want.sort(-1).values)), 0.5)  # fmt: skip
+    record_check("decode: sparse output vs reference", rel_err(sparse(), sparse_attention_reference(
+        q, k, v, idx, d**-0.5)[0]), 1e-2)  # fmt: skip
+    label = f"decode (batch {b}, {s // 1024}K cache)"
+    dense_ms = timed(dense, reps)
+    add(f"{label} dense SDPA eager", s, dense_ms, TBps=kv_bytes / dense_ms / 1e9)
     dsa_ms = timed(dsa, reps)
-    add("decode indexer + top-k", s, sel_ms)
-    add("decode DSA (indexer+top-k+sparse)", s, dsa_ms, speedup_vs_dense=dense_ms / dsa_ms)
+    add(f"{label} DSA eager", s, dsa_ms, speedup_vs_dense=dense_ms / dsa_ms)
+    if dev != "cuda":
+        return
+    dense_g = timed(graphed(dense), reps)
+    add(f"{label} dense SDPA graph", s, dense_g, TBps=kv_bytes / dense_g / 1e9)
+    parts = {"indexer + top-k": select, "sparse attention": sparse, "DSA": dsa}
+    for name, fn in parts.items():
+        ms = timed(graphed(fn), reps)
+        add(f"{label} {name} graph", s, ms, speedup_vs_dense_graph=dense_g / ms)
 
 
 def sweep_launch(dev: str, t: int = 32768) -> None:
@@ -378,6 +415,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the correctness checks and decode")
     ap.add_argument("--sweep", action="store_true", help="time sparse-attention launch settings at 32K first")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,7 +437,7 @@ def main() -> None:
         sweep_launch(dev)
         save(args.out)
     log("timings:")
-    for t in lengths:
+    for t in [] if args.decode_only else lengths:
         reps = 1 if args.smoke else 2 if t >= 200_000 else (3 if t >= 100_000 else 5)
         try:
             bench_length(t, dev, args.smoke, reps, args.out)
@@ -418,7 +456,7 @@ def main() -> None:
     n_checks = len(RESULTS["correctness"])
     log(f"\n{n_checks - len(failed)}/{n_checks} correctness checks passed")
     for row in RESULTS["timings"]:
-        log(f"{row['case']:<44} T={row['T']:>7} {row['ms']:10.2f} ms")
+        log(f"{row['case']:<44} T={row['T']:>7} {row['ms']:10.3f} ms")
     for e in RESULTS["errors"]:
         log(f"error: {e}")
     sys.exit(1 if failed else 0)

@@ -2,8 +2,9 @@
 
 Ops (autograd-aware, Triton on CUDA, PyTorch reference elsewhere; ``KEYE_DSA_IMPL`` forces either):
 ``sparse_attention``, ``sparse_attention_varlen``, ``indexer_scores``, ``select_topk``,
-``indexer_kl_loss``. Modules: ``LightningIndexer``, ``DSAttention`` (with ``DSACache``). Training
-stages: ``set_dsa_mode``. Hugging Face models: ``patch_model`` / ``unpatch_model`` (extra ``hf``).
+``select_topk_decode`` (static cache, CUDA-graph replayable), ``indexer_kl_loss``. Modules:
+``LightningIndexer``, ``DSAttention`` (with ``DSACache``). Training stages: ``set_dsa_mode``. Hugging
+Face models: ``patch_model`` / ``unpatch_model`` (extra ``hf``).
 """
 
 from keye_dsa.modules.attention import DSAttention
@@ -11,6 +12,7 @@ from keye_dsa.modules.cache import DSACache
 from keye_dsa.modules.indexer import LightningIndexer, set_dsa_mode
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
 from keye_dsa.ops.indexer_topk import indexer_scores, select_topk
+from keye_dsa.ops.indexer_topk.decode import select_topk_decode
 from keye_dsa.ops.sparse_attention import sparse_attention, sparse_attention_varlen
 
 __version__ = "0.1.0"
@@ -38,6 +40,7 @@ __all__ = [
     "indexer_scores",
     "patch_model",
     "select_topk",
+    "select_topk_decode",
     "set_dsa_mode",
     "sparse_attention",
     "sparse_attention_varlen",
