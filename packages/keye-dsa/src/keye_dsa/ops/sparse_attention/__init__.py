@@ -13,10 +13,12 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, indices, scale):
         from keye_dsa.ops.sparse_attention.triton_kernel import sparse_attention_fwd
+        from keye_dsa.ops.sparse_attention.union import plan_for
 
-        o, lse = sparse_attention_fwd(q, k, v, indices, scale)
+        plan = plan_for(indices, k.shape[1])
+        o, lse = sparse_attention_fwd(q, k, v, indices, scale, plan)
         ctx.save_for_backward(q, k, v, indices, o, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.plan = scale, plan
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -25,7 +27,7 @@ class _SparseAttention(torch.autograd.Function):
         from keye_dsa.ops.sparse_attention.triton_kernel import sparse_attention_bwd
 
         q, k, v, indices, o, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(q, k, v, indices, o, lse, do.contiguous(), ctx.scale)
+        dq, dk, dv = sparse_attention_bwd(q, k, v, indices, o, lse, do.contiguous(), ctx.scale, ctx.plan)
         return dq, dk, dv, None, None
 
 
@@ -44,6 +46,8 @@ def sparse_attention(
     ``q [B,T,Hq,D]``, ``k, v [B,S,Hkv,D]``, ``indices`` int32 ``[B,T,K]``; returns ``o [B,T,Hq,D]`` and,
     with ``return_lse``, the fp32 log-sum-exp ``[B,T,Hq]`` (``-inf`` for a query with no valid slot).
     ``validate_indices=False`` skips the range check (one device sync) in hot loops.
+    On the Triton path, blocks of 64 queries whose selections overlap run on the union kernel (each shared
+    key row loaded once per block; ``union.py``), the others on the per-query kernel.
     """
     check_rank("q", q, 4, "[batch, seq, q_heads, head_dim]")
     check_rank("k", k, 4, "[batch, keys, kv_heads, head_dim]")

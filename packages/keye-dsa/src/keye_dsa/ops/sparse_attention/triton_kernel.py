@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops.sparse_attention.union import QB, UnionPlan
+from keye_dsa.ops.sparse_attention.union_kernel import union_attention_bwd, union_attention_fwd
 
 
 def pack_size(groups: int, num_kv_heads: int, head_dim: int) -> int:
@@ -69,17 +71,26 @@ def _gather_kv(
 
 
 @triton.jit
+def _skipped(SKIP, b, t, NB, KTOP, row_ok, diag):
+    """For a token whose 64-query block the union kernel computes: no slots, nothing stored."""
+    skip = tl.load(SKIP + b * NB + t // QB) != 0
+    return tl.where(skip, 0, KTOP), row_ok & ~skip, diag & ~skip
+
+
+@triton.jit
 def _sparse_fwd(
-    Q, K, V, IDX, O, LSE,
+    Q, K, V, IDX, O, LSE, SKIP,
     sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt,
-    scale, KTOP, D,
+    scale, KTOP, D, NB,
     G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     g0 = tl.program_id(1) * P
     b = tl.program_id(2).to(tl.int64)
     rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
+    if HAS_SKIP:
+        KTOP, row_ok, diag = _skipped(SKIP, b, t, NB, KTOP, row_ok, diag)
     h = g0 * G + rows
     q = tl.load(Q + b * sqb + t * sqt + h[:, None] * sqh + col_dim[None, :], mask=diag, other=0.0)
     kv_col = g0 + col_group
@@ -111,17 +122,19 @@ def _sparse_fwd(
 
 @triton.jit
 def _sparse_bwd(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV, SKIP,
     sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sdob, sdot, sdoh, slb, slt,
     sdqb, sdqt, sdqh, sdkb, sdks, sdkh,
-    scale, KTOP, D,
+    scale, KTOP, D, NB,
     G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     g0 = tl.program_id(1) * P
     b = tl.program_id(2).to(tl.int64)
     rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
+    if HAS_SKIP:
+        KTOP, row_ok, diag = _skipped(SKIP, b, t, NB, KTOP, row_ok, diag)
     h = g0 * G + rows
     q = tl.load(Q + b * sqb + t * sqt + h[:, None] * sqh + col_dim[None, :], mask=diag, other=0.0)
     do = tl.load(DO + b * sdob + t * sdot + h[:, None] * sdoh + col_dim[None, :], mask=diag, other=0.0)
@@ -171,7 +184,8 @@ def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
     return groups, p, block_d, block_m, block_n
 
 
-def sparse_attention_fwd(q, k, v, indices, scale):
+def sparse_attention_fwd(q, k, v, indices, scale, plan: UnionPlan | None = None):
+    """With a union ``plan``, its blocks go to the union kernel and the rest to this one."""
     batch, t, hq, d = q.shape
     hkv = k.shape[2]
     groups, p, block_d, block_m, block_n = _config(q, k, FWD_LAUNCH)
@@ -181,18 +195,21 @@ def sparse_attention_fwd(q, k, v, indices, scale):
         return o, lse
     grid = (t, hkv // p, batch)
     _sparse_fwd[grid](
-        q, k, v, indices, o, lse,
+        q, k, v, indices, o, lse, None if plan is None else plan.use,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, indices.shape[2], d,
-        G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+        scale, indices.shape[2], d, triton.cdiv(t, QB),
+        G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, HAS_SKIP=plan is not None,
         **dot_flags(q.dtype), num_warps=FWD_LAUNCH["num_warps"], num_stages=FWD_LAUNCH["num_stages"],
     )  # fmt: skip
+    if plan is not None:
+        union_attention_fwd(q, k, v, plan, o, lse, scale)
     return o, lse
 
 
-def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
+def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale, plan: UnionPlan | None = None):
+    """With a union ``plan``, its blocks go to the union kernel and the rest to this one."""
     batch, t, _, d = q.shape
     hkv = k.shape[2]
     groups, p, block_d, block_m, block_n = _config(q, k, BWD_LAUNCH)
@@ -203,13 +220,15 @@ def sparse_attention_bwd(q, k, v, indices, o, lse, do, scale):
     if t > 0:
         grid = (t, hkv // p, batch)
         _sparse_bwd[grid](
-            q, k, v, indices, do, lse, delta, dq, dk, dv,
+            q, k, v, indices, do, lse, delta, dq, dk, dv, None if plan is None else plan.use,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
             do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            scale, indices.shape[2], d,
-            G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n,
+            scale, indices.shape[2], d, triton.cdiv(t, QB),
+            G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, HAS_SKIP=plan is not None,
             **dot_flags(q.dtype), num_warps=BWD_LAUNCH["num_warps"], num_stages=BWD_LAUNCH["num_stages"],
         )  # fmt: skip
+        if plan is not None:
+            union_attention_bwd(q, k, v, plan, do, lse, delta, dq, dk, dv, scale)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
