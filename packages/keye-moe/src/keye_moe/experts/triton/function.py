@@ -1,9 +1,9 @@
 """The Triton experts as an autograd.Function: Triton kernels in both directions.
 
-The Function maps (hidden, gate_up_proj, down_proj) to the *unweighted* expert output of every
-(token, k) slot, ``[N*K, H]``, written straight to slot order by the down-projection kernel (the scatter
-is fused). The routing-weighted sum over k is a batched matmul in plain PyTorch, so autograd gives the
-router weights their gradient without another kernel.
+The Function maps (hidden, topk_weights, gate_up_proj, down_proj) to the MoE output ``[N, H]``: the
+down-projection kernel multiplies each row by its routing weight and scatters it to its (token, k) slot
+(the un-sort is fused), and the sum over k is one reduction. Its backward gives the routing weights their
+gradient from the same kernels (see ``TritonExpertsFunction``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 import triton
 
 from keye_moe.experts import check_expert_inputs
-from keye_moe.experts.routing import weighted_sum
 from keye_moe.experts.triton import kernels as K
 from keye_moe.experts.triton.plan import Plan, make_plan
 
@@ -34,131 +33,111 @@ def _tune(plan: Plan) -> bool:
     return plan.num_blocks * plan.block_m >= 8192
 
 
-def _grouped_gemm(a, b, c, plan, *, n_out, k_red, stride_bk, stride_bn, a_by_slot, c_by_slot, gu=None):
+def _grouped_gemm(
+    a, b, c, plan, *, n_out, a_mode, b_kn, c_by_slot, epilogue, scale=None, gu=None, act=None, d_scale=None
+):
+    """``C = A @ B_e`` per row block; B is the stacked weight ``[E, R, C]`` with the reduction along R
+    (``b_kn``) or along C."""
+    k_red = b.shape[1] if b_kn else b.shape[2]
     K.launch(
         K.grouped_gemm_kernel,
         _grid(plan, n_out),
-        a,
-        b,
-        c,
+        a, b, c,
+        scale if scale is not None else c,
         gu if gu is not None else c,
-        plan.row_slot,
-        plan.block_expert,
-        n_out,
-        k_red,
-        b.shape[0],
-        a.stride(0),
-        b.stride(0),
-        stride_bk,
-        stride_bn,
-        c.stride(0),
+        act if act is not None else c,
+        d_scale if d_scale is not None else c,
+        plan.row_slot, plan.block_expert,
+        n_out, k_red, b.shape[0], plan.top_k, a.shape[0], b.shape[1], b.shape[2],
+        a.stride(0), c.stride(0),
         gu.stride(0) if gu is not None else 0,
-        BLOCK_M=plan.block_m,
-        A_BY_SLOT=a_by_slot,
-        C_BY_SLOT=c_by_slot,
-        SWIGLU_BWD=gu is not None,
-        IEEE=a.dtype == torch.float32,
-        tune=_tune(plan),
-    )
+        d_scale.stride(0) if d_scale is not None else 0,
+        BLOCK_M=plan.block_m, A_MODE=a_mode, B_KN=b_kn, C_BY_SLOT=c_by_slot, EPILOGUE=epilogue,
+        TMA=K.tma_ok(a, b), IEEE=a.dtype == torch.float32, tune=_tune(plan),
+    )  # fmt: skip
 
 
-def _wgrad(left, right, out, plan, *, l_mode, r_mode):
+def _wgrad(left, right, out, plan, *, l_mode, r_mode, l_scale=None):
     e, m, n = out.shape
     K.launch(
         K.grouped_wgrad_kernel,
         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), e),
-        left,
-        right,
-        out,
-        plan.row_slot,
-        plan.expert_start,
-        plan.counts,
-        m,
-        n,
-        plan.top_k,
-        left.stride(0),
-        right.stride(0),
-        out.stride(0),
-        out.stride(1),
-        L_MODE=l_mode,
-        R_MODE=r_mode,
-        IEEE=left.dtype == torch.float32,
-        tune=_tune(plan),
-    )
+        left, right, out,
+        l_scale if l_scale is not None else out,
+        plan.row_slot, plan.expert_start, plan.counts,
+        m, n, plan.top_k, left.stride(0), right.stride(0), out.stride(0), out.stride(1),
+        L_MODE=l_mode, R_MODE=r_mode, L_SCALE=l_scale is not None,
+        IEEE=left.dtype == torch.float32, tune=_tune(plan),
+    )  # fmt: skip
 
 
 class TritonExpertsFunction(torch.autograd.Function):
+    """(hidden, topk_weights, gate_up_proj, down_proj) -> the routed MoE output ``[N, H]``.
+
+    The down-projection kernel scales each row by its routing weight and writes it to its slot; the sum
+    over the K slots of a token is a plain reduction. Backward reads dOut by token (no ``[N*K, H]``
+    expansion) and gets the routing-weight gradient ``<dOut[token], y[slot]> = <dOut[token] @ down_e,
+    act[slot]>`` from the dAct kernel's epilogue.
+    """
+
     @staticmethod
-    def forward(ctx, hidden, gate_up_proj, down_proj, plan: Plan):  # type: ignore[override]
+    def forward(ctx, hidden, topk_weights, gate_up_proj, down_proj, plan: Plan):  # type: ignore[override]
         n, h = hidden.shape
         e, two_i, _ = gate_up_proj.shape
         i = two_i // 2
         rows = plan.num_blocks * plan.block_m
-        needs_grad = any(ctx.needs_input_grad[:3])
+        needs_grad = any(ctx.needs_input_grad[:4])
         act = hidden.new_empty(rows, i)
         gu = hidden.new_empty(rows, two_i) if needs_grad else act
         K.launch(
             K.gate_up_swiglu_kernel,
             _grid(plan, i),
-            hidden,
-            gate_up_proj,
-            act,
-            gu,
-            plan.row_slot,
-            plan.block_expert,
-            h,
-            i,
-            e,
-            plan.top_k,
-            hidden.stride(0),
-            gate_up_proj.stride(0),
-            gate_up_proj.stride(1),
-            act.stride(0),
-            gu.stride(0),
-            BLOCK_M=plan.block_m,
-            STORE_PREACT=needs_grad,
-            IEEE=hidden.dtype == torch.float32,
-            tune=_tune(plan),
-        )
+            hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert,
+            h, i, e, plan.top_k, hidden.stride(0), act.stride(0), gu.stride(0),
+            BLOCK_M=plan.block_m, STORE_PREACT=needs_grad, TMA=K.tma_ok(gate_up_proj),
+            IEEE=hidden.dtype == torch.float32, tune=_tune(plan),
+        )  # fmt: skip
         y = hidden.new_empty(n * plan.top_k, h)
         _grouped_gemm(
-            act, down_proj, y, plan, n_out=h, k_red=i,
-            stride_bk=down_proj.stride(2), stride_bn=down_proj.stride(1), a_by_slot=False, c_by_slot=True,
+            act, down_proj, y, plan, n_out=h, a_mode=K.PADDED, b_kn=False, c_by_slot=True,
+            epilogue=K.SCALE, scale=topk_weights,
         )  # fmt: skip
         if needs_grad:
-            ctx.save_for_backward(hidden, gate_up_proj, down_proj, act, gu)
+            ctx.save_for_backward(hidden, topk_weights, gate_up_proj, down_proj, act, gu)
             ctx.plan = plan
-        return y
+        return y.view(n, plan.top_k, h).sum(1)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        hidden, gate_up_proj, down_proj, act, gu = ctx.saved_tensors
+    def backward(ctx, d_out):  # type: ignore[override]
+        hidden, topk_weights, gate_up_proj, down_proj, act, gu = ctx.saved_tensors
         plan: Plan = ctx.plan
-        dy = dy.contiguous()
+        d_out = d_out.contiguous()
         n, h = hidden.shape
-        two_i = gate_up_proj.shape[1]
-        i = two_i // 2
+        i = gate_up_proj.shape[1] // 2
         d_gu = torch.empty_like(gu)
+        min_block_n = min(c.kwargs["BLOCK_N"] for c in K.grouped_gemm_kernel.configs)
+        d_w_parts = torch.zeros(triton.cdiv(i, min_block_n), n * plan.top_k, device=hidden.device)
         _grouped_gemm(
-            dy, down_proj, d_gu, plan, n_out=i, k_red=h, gu=gu,
-            stride_bk=down_proj.stride(1), stride_bn=down_proj.stride(2), a_by_slot=True, c_by_slot=False,
+            d_out, down_proj, d_gu, plan, n_out=i, a_mode=K.BY_TOKEN, b_kn=True, c_by_slot=False,
+            epilogue=K.SWIGLU_BWD, scale=topk_weights, gu=gu, act=act, d_scale=d_w_parts,
         )  # fmt: skip
-        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]  # frozen experts skip their wgrads
+        need_x, need_w, need_gate_up, need_down = ctx.needs_input_grad[:4]  # frozen experts skip wgrads
+        d_w = d_w_parts.sum(0).view(n, plan.top_k).to(topk_weights.dtype) if need_w else None
         d_down = d_gate_up = dx = None
         if need_down:
             d_down = torch.empty_like(down_proj)
-            _wgrad(dy, act, d_down, plan, l_mode=K.BY_SLOT, r_mode=K.PADDED)
+            _wgrad(d_out, act, d_down, plan, l_mode=K.BY_TOKEN, r_mode=K.PADDED, l_scale=topk_weights)
         if need_gate_up:
             d_gate_up = torch.empty_like(gate_up_proj)
             _wgrad(d_gu, hidden, d_gate_up, plan, l_mode=K.PADDED, r_mode=K.BY_TOKEN)
         if need_x:
             dx_slots = hidden.new_empty(n * plan.top_k, h)
             _grouped_gemm(
-                d_gu, gate_up_proj, dx_slots, plan, n_out=h, k_red=two_i, a_by_slot=False, c_by_slot=True,
-                stride_bk=gate_up_proj.stride(1), stride_bn=gate_up_proj.stride(2),
+                d_gu, gate_up_proj, dx_slots, plan, n_out=h, a_mode=K.PADDED, b_kn=True, c_by_slot=True,
+                epilogue=K.PLAIN,
             )  # fmt: skip
-            dx = dx_slots.view(n, plan.top_k, h).sum(1, dtype=torch.float32).to(hidden.dtype)
-        return dx, d_gate_up, d_down, None
+            dx = dx_slots.view(n, plan.top_k, h).sum(1)
+        return dx, d_w, d_gate_up, d_down, None
 
 
 def triton_experts(
@@ -177,10 +156,13 @@ def triton_experts(
     if hidden.shape[0] == 0:
         return hidden.new_zeros(hidden.shape) + 0 * (gate_up_proj.sum() + down_proj.sum())
     plan = make_plan(topk_ids, gate_up_proj.shape[0], pick_block_m(topk_ids.numel(), gate_up_proj.shape[0]))
-    y = TritonExpertsFunction.apply(
-        hidden.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous(), plan
+    return TritonExpertsFunction.apply(
+        hidden.contiguous(),
+        topk_weights.contiguous(),
+        gate_up_proj.contiguous(),
+        down_proj.contiguous(),
+        plan,
     )
-    return weighted_sum(y, topk_weights)
 
 
 class TritonExperts:

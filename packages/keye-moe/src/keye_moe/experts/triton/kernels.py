@@ -3,25 +3,31 @@
 Three kernels cover the forward and backward passes:
 - ``gate_up_swiglu_kernel``: gathers token rows of ``x`` by slot, multiplies by the expert's gate and up
   rows (two accumulators) and writes ``silu(gate) * up`` (and, for backward, the pre-activations).
-- ``grouped_gemm_kernel``: ``C = A @ B_e`` per row block, where A rows are read either in padded order
-  or gathered by slot, C rows are written in padded order or scattered to their slot, and an optional
-  epilogue turns dAct into d(gate, up) (the SwiGLU backward).
+- ``grouped_gemm_kernel``: ``C = A @ B_e`` per row block, where A rows are read in padded order or
+  gathered by slot or token, C rows are written in padded order or scattered to their slot, and the
+  epilogue may scale rows by their routing weight or (backward) turn dOut @ down_e into d(gate, up) and
+  the routing-weight gradient.
 - ``grouped_wgrad_kernel``: per expert, ``dW_e = L_e^T @ R_e`` reducing over that expert's rows, with L
-  and R each read in padded order, by slot, or by token.
+  and R each read in padded order, by slot, or by token (L optionally scaled by the routing weight).
 Accumulation is fp32. Grids put the N tiles of one row block next to each other so the gathered A rows
-and the expert's weights stay in L2.
+and the expert's weights stay in L2. On Hopper the weights (and padded A operands) arrive by TMA
+(``TMA``; device-side descriptors, 3-D over the stacked experts), elsewhere by pointer loads.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-PADDED, BY_SLOT, BY_TOKEN = 0, 1, 2
+PADDED, BY_SLOT, BY_TOKEN = 0, 1, 2  # how a kernel finds an operand's row: padded row, slot, token
+PLAIN, SCALE, SWIGLU_BWD = 0, 1, 2  # grouped_gemm_kernel epilogues
+_PADDED, _BY_SLOT, _BY_TOKEN = tl.constexpr(PADDED), tl.constexpr(BY_SLOT), tl.constexpr(BY_TOKEN)
+_SCALE, _SWIGLU_BWD = tl.constexpr(SCALE), tl.constexpr(SWIGLU_BWD)
 
 
 def _configs(shapes: list[tuple[int, ...]], block_names: tuple[str, ...]) -> list[triton.Config]:
@@ -34,8 +40,27 @@ def _configs(shapes: list[tuple[int, ...]], block_names: tuple[str, ...]) -> lis
     ]
 
 
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA bulk copies can read these tensors: Hopper or newer (or the interpreter), 16-byte
+    aligned base and row strides."""
+    if not INTERPRET and not (
+        tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9
+    ):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the TMA descriptors that kernels build on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
 def launch(kernel, grid, *args, tune: bool, **meta) -> None:
     """Launch an autotuned kernel, or (small problems, decoding) its first config without tuning."""
+    triton.set_allocator(_scratch)  # a context variable: cheap, and set in whichever thread launches
     if tune and not INTERPRET:
         kernel[grid](*args, **meta)
         return
@@ -49,6 +74,36 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _row_index(rows, slot, MODE: tl.constexpr, TOP_K):
+    if MODE == _BY_SLOT:
+        return slot.to(tl.int64)
+    elif MODE == _BY_TOKEN:
+        return (slot // TOP_K).to(tl.int64)
+    else:
+        return rows.to(tl.int64)
+
+
+@triton.jit
+def _weight_desc(w_ptr, E, R, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KN: tl.constexpr):
+    """A TMA descriptor over the stacked weights ``w [E, R, C]``, 3-D so that a tile never reads the next
+    expert's rows; the reduction runs along R (``KN``) or along C."""
+    if KN:
+        return tl.make_tensor_descriptor(w_ptr, [E, R, C], [R * C, C, 1], [1, BLOCK_K, BLOCK_N])
+    else:
+        return tl.make_tensor_descriptor(w_ptr, [E, R, C], [R * C, C, 1], [1, BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KN: tl.constexpr):
+    """Expert e's ``[BLOCK_K, BLOCK_N]`` weight tile at reduction offset k0, output offset n0 (zeros
+    outside the weight)."""
+    if KN:
+        return desc.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
 @triton.autotune(
@@ -70,14 +125,13 @@ def gate_up_swiglu_kernel(
     E,
     TOP_K,
     stride_x,
-    stride_we,
-    stride_wr,
     stride_act,
     stride_gu,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STORE_PREACT: tl.constexpr,
+    TMA: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -89,23 +143,33 @@ def gate_up_swiglu_kernel(
     slot = tl.load(row_slot_ptr + rows)
     valid = slot >= 0
     tok = tl.where(valid, slot // TOP_K, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
-    wg_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_n[None, :] * stride_wr + offs_k[:, None]
-    wu_ptrs = wg_ptrs + I * stride_wr
+    if TMA:
+        desc = _weight_desc(w_ptr, E, 2 * I, H, BLOCK_N, BLOCK_K, False)
+    else:
+        wg_ptrs = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :] * H + offs_k[:, None]
+        wu_ptrs = wg_ptrs + I * H
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_mask = offs_k + k0 < H
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_g = _mma(a, tl.load(wg_ptrs, mask=w_mask, other=0.0), acc_g, IEEE)
-        acc_u = _mma(a, tl.load(wu_ptrs, mask=w_mask, other=0.0), acc_u, IEEE)
+        if TMA:
+            wg = _weight_tile(desc, e, n0, k0, BLOCK_N, BLOCK_K, False)
+            wu = _weight_tile(desc, e, I + n0, k0, BLOCK_N, BLOCK_K, False)
+        else:
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+        acc_g = _mma(a, wg, acc_g, IEEE)
+        acc_u = _mma(a, wu, acc_u, IEEE)
         a_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     rows64 = rows.to(tl.int64)[:, None]
     tl.store(
@@ -121,31 +185,38 @@ def gate_up_swiglu_kernel(
 
 @triton.autotune(
     configs=_configs([(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
-    key=["N_OUT", "K_RED", "BLOCK_M", "SWIGLU_BWD"],
+    key=["N_OUT", "K_RED", "BLOCK_M", "A_MODE", "EPILOGUE"],
 )
 @triton.jit
 def grouped_gemm_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
+    scale_ptr,
     gu_ptr,
+    act_ptr,
+    dscale_ptr,
     row_slot_ptr,
     block_expert_ptr,
     N_OUT,
     K_RED,
     E,
+    TOP_K,
+    A_ROWS,
+    B_ROWS,
+    B_COLS,
     stride_a,
-    stride_be,
-    stride_bk,
-    stride_bn,
     stride_c,
     stride_gu,
+    stride_ds,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    A_BY_SLOT: tl.constexpr,
+    A_MODE: tl.constexpr,
+    B_KN: tl.constexpr,
     C_BY_SLOT: tl.constexpr,
-    SWIGLU_BWD: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    TMA: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -158,25 +229,44 @@ def grouped_gemm_kernel(
     valid = slot >= 0
     slot64 = tl.where(valid, slot, 0).to(tl.int64)
     rows64 = rows.to(tl.int64)
-    if A_BY_SLOT:
-        a_rows = slot64
-    else:
-        a_rows = rows64
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_rows = _row_index(rows, slot64, A_MODE, TOP_K)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    if TMA:
+        b_desc = _weight_desc(b_ptr, E, B_ROWS, B_COLS, BLOCK_N, BLOCK_K, B_KN)
+        if A_MODE == _PADDED:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [A_ROWS, K_RED], [stride_a, 1], [BLOCK_M, BLOCK_K])
+    else:
+        b_ptrs = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
+        if B_KN:
+            b_ptrs += offs_k[:, None] * B_COLS + offs_n[None, :]
+        else:
+            b_ptrs += offs_k[:, None] + offs_n[None, :] * B_COLS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_RED, BLOCK_K):
         k_mask = offs_k + k0 < K_RED
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if TMA and A_MODE == _PADDED:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+        else:
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            a_ptrs += BLOCK_K
+        if TMA:
+            b = _weight_tile(b_desc, e, n0, k0, BLOCK_N, BLOCK_K, B_KN)
+        else:
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b_ptrs += BLOCK_K * B_COLS if B_KN else BLOCK_K
         acc = _mma(a, b, acc, IEEE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
-    if SWIGLU_BWD:
-        # acc is dAct for columns n < I (= N_OUT); write d(gate) to column n and d(up) to column I + n.
+    if EPILOGUE == _SWIGLU_BWD:
+        # acc = dOut[token] @ down_e: the unweighted d(act) of columns n < I (= N_OUT). This tile's share
+        # of the routing-weight gradient is sum_n acc * act; then d(act) = w * acc goes through SwiGLU's
+        # derivative: d(gate) to column n, d(up) to column I + n.
+        act = tl.load(act_ptr + rows64[:, None] * N_OUT + offs_n[None, :], mask=n_mask[None, :], other=0.0)
+        d_scale = tl.sum(acc * act.to(tl.float32), 1)
+        tl.store(dscale_ptr + pid_n * stride_ds + slot64, d_scale, mask=valid)
+        acc *= tl.load(scale_ptr + slot64, mask=valid, other=0.0).to(tl.float32)[:, None]
         gu = gu_ptr + rows64[:, None] * stride_gu + offs_n[None, :]
         g = tl.load(gu, mask=n_mask[None, :], other=0.0).to(tl.float32)
         u = tl.load(gu + N_OUT, mask=n_mask[None, :], other=0.0).to(tl.float32)
@@ -187,6 +277,8 @@ def grouped_gemm_kernel(
         tl.store(c, d_gate.to(c_ptr.dtype.element_ty), mask=n_mask[None, :])
         tl.store(c + N_OUT, d_up.to(c_ptr.dtype.element_ty), mask=n_mask[None, :])
     else:
+        if EPILOGUE == _SCALE:
+            acc *= tl.load(scale_ptr + slot64, mask=valid, other=0.0).to(tl.float32)[:, None]
         if C_BY_SLOT:
             c = c_ptr + slot64[:, None] * stride_c + offs_n[None, :]
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
@@ -195,28 +287,19 @@ def grouped_gemm_kernel(
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
-@triton.jit
-def _row_index(rows, slot, MODE: tl.constexpr, TOP_K):
-    if MODE == 1:
-        return slot.to(tl.int64)
-    elif MODE == 2:
-        return (slot // TOP_K).to(tl.int64)
-    else:
-        return rows.to(tl.int64)
-
-
 @triton.autotune(
     configs=_configs(
         [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
         ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     ),
-    key=["M", "N", "L_MODE", "R_MODE"],
+    key=["M", "N", "L_MODE", "R_MODE", "L_SCALE"],
 )
 @triton.jit
 def grouped_wgrad_kernel(
     l_ptr,
     r_ptr,
     dw_ptr,
+    scale_ptr,
     row_slot_ptr,
     expert_start_ptr,
     counts_ptr,
@@ -229,6 +312,7 @@ def grouped_wgrad_kernel(
     stride_dm,
     L_MODE: tl.constexpr,
     R_MODE: tl.constexpr,
+    L_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -256,6 +340,9 @@ def grouped_wgrad_kernel(
             mask=m_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
+        if L_SCALE:  # L rows times the routing weight of their slot (dOut[token] -> dY[slot])
+            w = tl.load(scale_ptr + slot, mask=r_mask, other=0.0).to(tl.float32)
+            lt = (lt.to(tl.float32) * w[None, :]).to(l_ptr.dtype.element_ty)
         rt = tl.load(
             r_ptr + r_rows[:, None] * stride_r + offs_n[None, :],
             mask=r_mask[:, None] & n_mask[None, :],
