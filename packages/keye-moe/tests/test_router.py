@@ -67,3 +67,39 @@ def test_expert_bias_changes_selection_not_weights_and_balances():
 def test_update_bias_needs_the_option():
     with pytest.raises(RuntimeError, match="expert_bias"):
         Router(8, 4, 1, False, expert_bias=False).update_bias(0.1)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_fused_topk_softmax_equals_the_reference(norm, with_bias, with_mask):
+    """The CUDA router kernel (run here by the Triton interpreter) against the PyTorch math: ids, weights,
+    statistics, and the gradient of the logits through the weights and the summed probabilities."""
+    from keye_moe.layers.topk_softmax import reference_topk_softmax, topk_softmax
+
+    g = torch.Generator().manual_seed(int(norm) + 2 * int(with_bias) + 4 * int(with_mask))
+    n, e, k = 37, 10, 3
+    logits = torch.randn(n, e, generator=g, requires_grad=True)
+    bias = torch.randn(e, generator=g) * 0.1 if with_bias else None
+    mask = (torch.rand(n, generator=g) > 0.3).float() if with_mask else None
+    d_w, d_p = torch.randn(n, k, generator=g), torch.randn(e, generator=g)
+
+    ids, w, counts, prob_sum = topk_softmax(logits, k, norm, bias, mask)
+    got = torch.autograd.grad((w, prob_sum), logits, (d_w, d_p))[0]
+    ref_ids, ref_w, probs = reference_topk_softmax(logits, k, norm, bias)
+    m = torch.ones(n) if mask is None else mask
+    ref_counts = torch.zeros(e).index_add_(0, ref_ids.reshape(-1), m.repeat_interleave(k))
+    ref_sum = (probs * m[:, None]).sum(0)
+    ref = torch.autograd.grad((ref_w, ref_sum), logits, (d_w, d_p))[0]
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(w, ref_w, rtol=1e-6, atol=1e-7)
+    assert torch.equal(counts, ref_counts)
+    assert torch.allclose(prob_sum, ref_sum, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_topk_softmax_names_bad_logits():
+    from keye_moe.layers.topk_softmax import topk_softmax
+
+    with pytest.raises(ValueError, match="logits must be"):
+        topk_softmax(torch.randn(4, 3), 5, True)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keye_moe.layers.topk_softmax import reference_topk_softmax, topk_softmax
+
 
 @dataclass
 class RouterStats:
@@ -56,18 +58,25 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """hidden ``[N, H]`` -> (topk_ids ``[N, K]``, topk_weights ``[N, K]``, stats or None).
 
-        Statistics cost a few kernels per layer; decoding skips them (``need_stats=False``).
+        On CUDA the math after the logits GEMM is one Triton kernel (``topk_softmax``); elsewhere the
+        PyTorch reference. Statistics cost a little per layer; decoding skips them (``need_stats=False``).
         """
         logits = F.linear(hidden, self.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        if self.e_score_correction_bias is None:
-            top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        else:
-            _, top_ids = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1)
-            top_w = probs.gather(-1, top_ids)
-        if self.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        top_w = top_w.to(logits.dtype)
+        bias = self.e_score_correction_bias
+        if logits.is_cuda:
+            mask = token_mask.reshape(-1) if token_mask is not None else None
+            ids, weights, counts, prob_sum = topk_softmax(
+                logits, self.top_k, self.norm_topk_prob, bias, mask, need_stats
+            )
+            if not need_stats:
+                return ids, weights, None
+            rows = (
+                mask.float().sum()
+                if mask is not None
+                else torch.full((), float(len(logits)), device=logits.device)
+            )
+            return ids, weights, RouterStats(counts, prob_sum, rows)
+        top_ids, top_w, probs = reference_topk_softmax(logits, self.top_k, self.norm_topk_prob, bias)
         return top_ids, top_w, self._stats(probs, top_ids, token_mask) if need_stats else None
 
     @torch.no_grad()
