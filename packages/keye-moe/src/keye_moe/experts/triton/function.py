@@ -71,6 +71,33 @@ def _wgrad(left, right, out, plan, *, l_mode, r_mode, l_scale=None):
     )  # fmt: skip
 
 
+def gate_up_swiglu(hidden, gate_up_proj, plan: Plan, store_preact: bool):
+    """-> (act ``[P, I]``, gate/up pre-activations ``[P, 2I]`` or ``act`` itself), in padded rows."""
+    e, two_i, h = gate_up_proj.shape
+    rows = plan.num_blocks * plan.block_m
+    act = hidden.new_empty(rows, two_i // 2)
+    gu = hidden.new_empty(rows, two_i) if store_preact else act
+    K.launch(
+        K.gate_up_swiglu_kernel,
+        _grid(plan, two_i // 2),
+        hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert,
+        h, two_i // 2, e, plan.top_k, hidden.stride(0), act.stride(0), gu.stride(0),
+        BLOCK_M=plan.block_m, STORE_PREACT=store_preact, TMA=K.tma_ok(gate_up_proj),
+        IEEE=hidden.dtype == torch.float32, tune=_tune(plan),
+    )  # fmt: skip
+    return act, gu
+
+
+def down_scatter(act, topk_weights, down_proj, plan: Plan):
+    """-> ``[N*K, H]``: each row's down projection times its routing weight, in slot order."""
+    y = act.new_empty(topk_weights.numel(), down_proj.shape[1])
+    _grouped_gemm(
+        act, down_proj, y, plan, n_out=down_proj.shape[1], a_mode=K.PADDED, b_kn=False, c_by_slot=True,
+        epilogue=K.SCALE, scale=topk_weights,
+    )  # fmt: skip
+    return y
+
+
 class TritonExpertsFunction(torch.autograd.Function):
     """(hidden, topk_weights, gate_up_proj, down_proj) -> the routed MoE output ``[N, H]``.
 
@@ -83,25 +110,9 @@ class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, topk_weights, gate_up_proj, down_proj, plan: Plan):  # type: ignore[override]
         n, h = hidden.shape
-        e, two_i, _ = gate_up_proj.shape
-        i = two_i // 2
-        rows = plan.num_blocks * plan.block_m
         needs_grad = any(ctx.needs_input_grad[:4])
-        act = hidden.new_empty(rows, i)
-        gu = hidden.new_empty(rows, two_i) if needs_grad else act
-        K.launch(
-            K.gate_up_swiglu_kernel,
-            _grid(plan, i),
-            hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert,
-            h, i, e, plan.top_k, hidden.stride(0), act.stride(0), gu.stride(0),
-            BLOCK_M=plan.block_m, STORE_PREACT=needs_grad, TMA=K.tma_ok(gate_up_proj),
-            IEEE=hidden.dtype == torch.float32, tune=_tune(plan),
-        )  # fmt: skip
-        y = hidden.new_empty(n * plan.top_k, h)
-        _grouped_gemm(
-            act, down_proj, y, plan, n_out=h, a_mode=K.PADDED, b_kn=False, c_by_slot=True,
-            epilogue=K.SCALE, scale=topk_weights,
-        )  # fmt: skip
+        act, gu = gate_up_swiglu(hidden, gate_up_proj, plan, store_preact=needs_grad)
+        y = down_scatter(act, topk_weights, down_proj, plan)
         if needs_grad:
             ctx.save_for_backward(hidden, topk_weights, gate_up_proj, down_proj, act, gu)
             ctx.plan = plan
