@@ -267,6 +267,7 @@ def main() -> None:
                         except Exception as exc:
                             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         report["sweep"].append(row)
+                        save()
                         speed = f"{row.get('ms', float('nan')):8.4f} ms {row.get('tflops', 0):7.1f} TFLOP/s"
                         print(f"sweep {label:<8} BM{block_m:<4} {config} tma={tma!s:<5} {speed} "
                               f"{row.get('error', '')}", flush=True)  # fmt: skip
