@@ -157,11 +157,17 @@ def random_indices(t: int, topk: int, dev: str, offset: int = 0) -> torch.Tensor
 
 def structured_indices(t: int, topk: int, dev: str, block: int = 64) -> torch.Tensor:
     """The issue's trained-indexer pattern: the ``topk / 4`` newest keys plus ``3 topk / 4`` keys drawn
-    from a pool of ``topk`` earlier positions shared by the ``block`` queries of a block."""
+    from a pool of ``topk`` earlier positions shared by the ``block`` queries of a block.
+
+    Like a real top-k, a query's indices are distinct: the pool is stratified (one position in each of
+    ``topk`` equal integer strata of the keys before the block's recent window), so it neither repeats
+    itself nor meets the recent keys (only blocks with fewer than ``topk`` such keys, right after the
+    first ``topk`` queries, can repeat)."""
     recent, pool = topk // 4, topk
     n_blocks = (t + block - 1) // block
-    starts = torch.arange(n_blocks, device=dev) * block
-    pools = (torch.rand(n_blocks, pool, device=dev) * starts[:, None].clamp_min(1)).long().sort(-1).values
+    width = ((torch.arange(n_blocks, device=dev) * block - recent) // pool).clamp_min(1)[:, None]
+    offset = (torch.rand(n_blocks, pool, device=dev) * width).long()
+    pools = torch.arange(pool, device=dev) * width + offset
     q = torch.arange(t, device=dev)
     cols = (torch.randint(0, pool, (t, 1), device=dev) + torch.arange(topk - recent, device=dev)) % pool
     pick = pools.view(-1)[(q // block)[:, None] * pool + cols]
