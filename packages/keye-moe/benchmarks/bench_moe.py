@@ -233,6 +233,20 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
                 )
             except Exception as exc:
                 parts[f"experts {name}"] = f"{type(exc).__name__}: {exc}"
+        if CUDA:  # the Triton experts' own steps
+            from keye_moe.experts.triton import function as TF
+            from keye_moe.experts.triton.plan import make_plan
+
+            gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
+            plan = make_plan(ids, e, TF.pick_block_m(ids.numel(), e))
+            act = TF.gate_up_swiglu(flat, gate_up, plan, False)[0]
+            y = TF.down_scatter(act, weights, down, plan)
+            parts["triton plan"] = bench(lambda: make_plan(ids, e, plan.block_m))
+            parts["triton gate_up+SwiGLU"] = bench(lambda: TF.gate_up_swiglu(flat, gate_up, plan, False))
+            parts["triton down+weight+scatter"] = bench(lambda: TF.down_scatter(act, weights, down, plan))
+            parts["triton slot sum"] = bench(lambda: TF.sum_slots(y, k))
+            parts["torch sum of the same rows"] = bench(lambda: y.view(t, k, h).sum(1))
+            del act, y
     results.append({"name": "forward parts (ms)", **parts})
     print(
         "parts "

@@ -2,8 +2,8 @@
 
 The Function maps (hidden, topk_weights, gate_up_proj, down_proj) to the MoE output ``[N, H]``: the
 down-projection kernel multiplies each row by its routing weight and scatters it to its (token, k) slot
-(the un-sort is fused), and the sum over k is one reduction. Its backward gives the routing weights their
-gradient from the same kernels (see ``TritonExpertsFunction``).
+(the un-sort is fused), and ``sum_slots`` adds each token's K rows in one streaming pass. Its backward
+gives the routing weights their gradient from the same kernels (see ``TritonExpertsFunction``).
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def _grouped_gemm(
         act if act is not None else c,
         d_scale if d_scale is not None else c,
         plan.row_slot, plan.block_expert,
-        n_out, k_red, b.shape[0], plan.top_k, a.shape[0], b.shape[1], b.shape[2],
+        n_out, k_red, b.shape[0], plan.top_k, b.shape[1], b.shape[2],
         a.stride(0), c.stride(0),
         gu.stride(0) if gu is not None else 0,
         d_scale.stride(0) if d_scale is not None else 0,
         BLOCK_M=plan.block_m, A_MODE=a_mode, B_KN=b_kn, C_BY_SLOT=c_by_slot, EPILOGUE=epilogue,
-        TMA=K.tma_ok(a, b), IEEE=a.dtype == torch.float32, tune=_tune(plan),
+        IEEE=a.dtype == torch.float32, tune=_tune(plan),
     )  # fmt: skip
 
 
@@ -98,6 +98,16 @@ def down_scatter(act, topk_weights, down_proj, plan: Plan):
     return y
 
 
+def sum_slots(y: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[N*K, H]`` slot rows -> ``[N, H]``, summing each token's K rows."""
+    n, h = y.shape[0] // top_k, y.shape[1]
+    out = y.new_empty(n, h)
+    block_h = min(1024, triton.next_power_of_2(h))
+    grid = (triton.cdiv(n, 2), triton.cdiv(h, block_h))
+    K.slot_sum_kernel[grid](y, out, n, h, TOP_K=top_k, BLOCK_T=2, BLOCK_H=block_h, num_warps=4)
+    return out
+
+
 class TritonExpertsFunction(torch.autograd.Function):
     """(hidden, topk_weights, gate_up_proj, down_proj) -> the routed MoE output ``[N, H]``.
 
@@ -109,14 +119,13 @@ class TritonExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, topk_weights, gate_up_proj, down_proj, plan: Plan):  # type: ignore[override]
-        n, h = hidden.shape
         needs_grad = any(ctx.needs_input_grad[:4])
         act, gu = gate_up_swiglu(hidden, gate_up_proj, plan, store_preact=needs_grad)
         y = down_scatter(act, topk_weights, down_proj, plan)
         if needs_grad:
             ctx.save_for_backward(hidden, topk_weights, gate_up_proj, down_proj, act, gu)
             ctx.plan = plan
-        return y.view(n, plan.top_k, h).sum(1)
+        return sum_slots(y, plan.top_k)
 
     @staticmethod
     def backward(ctx, d_out):  # type: ignore[override]
@@ -147,7 +156,7 @@ class TritonExpertsFunction(torch.autograd.Function):
                 d_gu, gate_up_proj, dx_slots, plan, n_out=h, a_mode=K.PADDED, b_kn=True, c_by_slot=True,
                 epilogue=K.PLAIN,
             )  # fmt: skip
-            dx = dx_slots.view(n, plan.top_k, h).sum(1)
+            dx = sum_slots(dx_slots, plan.top_k)
         return dx, d_w, d_gate_up, d_down, None
 
 

@@ -10,8 +10,9 @@ Three kernels cover the forward and backward passes:
 - ``grouped_wgrad_kernel``: per expert, ``dW_e = L_e^T @ R_e`` reducing over that expert's rows, with L
   and R each read in padded order, by slot, or by token (L optionally scaled by the routing weight).
 Accumulation is fp32. Grids put the N tiles of one row block next to each other so the gathered A rows
-and the expert's weights stay in L2. On Hopper the weights (and padded A operands) arrive by TMA
-(``TMA``; device-side descriptors, 3-D over the stacked experts), elsewhere by pointer loads.
+and the expert's weights stay in L2. On Hopper the gate/up weights arrive by TMA (a device-side 3-D
+descriptor over the stacked experts), elsewhere by pointer loads; the other kernels use pointer loads
+(measured as fast or faster than TMA for the down projection, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -87,29 +88,14 @@ def _row_index(rows, slot, MODE: tl.constexpr, TOP_K):
 
 
 @triton.jit
-def _weight_desc(w_ptr, E, R, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KN: tl.constexpr):
-    """A TMA descriptor over the stacked weights ``w [E, R, C]``, 3-D so that a tile never reads the next
-    expert's rows; the reduction runs along R (``KN``) or along C."""
-    if KN:
-        return tl.make_tensor_descriptor(w_ptr, [E, R, C], [R * C, C, 1], [1, BLOCK_K, BLOCK_N])
-    else:
-        return tl.make_tensor_descriptor(w_ptr, [E, R, C], [R * C, C, 1], [1, BLOCK_N, BLOCK_K])
-
-
-@triton.jit
-def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KN: tl.constexpr):
-    """Expert e's ``[BLOCK_K, BLOCK_N]`` weight tile at reduction offset k0, output offset n0 (zeros
-    outside the weight)."""
-    if KN:
-        return desc.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
-    else:
-        return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Expert e's ``[BLOCK_K, BLOCK_N]`` tile of ``w [E, N, K]`` at reduction offset k0, output offset n0,
+    by TMA from a 3-D descriptor (so it never reads the next expert's rows; zeros outside)."""
+    return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
 @triton.autotune(
-    configs=_configs(
-        [(64, 64, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (64, 32, 4, 5)], ("BLOCK_N", "BLOCK_K")
-    ),
+    configs=_configs([(64, 64, 4, 4), (128, 32, 8, 5), (128, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
     key=["H", "I", "BLOCK_M"],
 )
 @triton.jit
@@ -149,7 +135,7 @@ def gate_up_swiglu_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
     if TMA:
-        desc = _weight_desc(w_ptr, E, 2 * I, H, BLOCK_N, BLOCK_K, False)
+        desc = tl.make_tensor_descriptor(w_ptr, [E, 2 * I, H], [2 * I * H, H, 1], [1, BLOCK_N, BLOCK_K])
     else:
         wg_ptrs = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :] * H + offs_k[:, None]
         wu_ptrs = wg_ptrs + I * H
@@ -159,8 +145,8 @@ def gate_up_swiglu_kernel(
         k_mask = offs_k + k0 < H
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         if TMA:
-            wg = _weight_tile(desc, e, n0, k0, BLOCK_N, BLOCK_K, False)
-            wu = _weight_tile(desc, e, I + n0, k0, BLOCK_N, BLOCK_K, False)
+            wg = _weight_tile(desc, e, n0, k0, BLOCK_N, BLOCK_K)
+            wu = _weight_tile(desc, e, I + n0, k0, BLOCK_N, BLOCK_K)
         else:
             w_mask = k_mask[:, None] & n_mask[None, :]
             wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
@@ -184,7 +170,7 @@ def gate_up_swiglu_kernel(
 
 
 @triton.autotune(
-    configs=_configs([(128, 64, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
+    configs=_configs([(128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4)], ("BLOCK_N", "BLOCK_K")),
     key=["N_OUT", "K_RED", "BLOCK_M", "A_MODE", "EPILOGUE"],
 )
 @triton.jit
@@ -202,7 +188,6 @@ def grouped_gemm_kernel(
     K_RED,
     E,
     TOP_K,
-    A_ROWS,
     B_ROWS,
     B_COLS,
     stride_a,
@@ -216,7 +201,6 @@ def grouped_gemm_kernel(
     B_KN: tl.constexpr,
     C_BY_SLOT: tl.constexpr,
     EPILOGUE: tl.constexpr,
-    TMA: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -235,29 +219,21 @@ def grouped_gemm_kernel(
     n_mask = offs_n < N_OUT
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
-    if TMA:
-        b_desc = _weight_desc(b_ptr, E, B_ROWS, B_COLS, BLOCK_N, BLOCK_K, B_KN)
-        if A_MODE == _PADDED:
-            a_desc = tl.make_tensor_descriptor(a_ptr, [A_ROWS, K_RED], [stride_a, 1], [BLOCK_M, BLOCK_K])
+    b_ptrs = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
+    if B_KN:
+        b_ptrs += offs_k[:, None] * B_COLS + offs_n[None, :]
     else:
-        b_ptrs = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
-        if B_KN:
-            b_ptrs += offs_k[:, None] * B_COLS + offs_n[None, :]
-        else:
-            b_ptrs += offs_k[:, None] + offs_n[None, :] * B_COLS
+        b_ptrs += offs_k[:, None] + offs_n[None, :] * B_COLS
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_RED, BLOCK_K):
         k_mask = offs_k + k0 < K_RED
-        if TMA and A_MODE == _PADDED:
-            a = a_desc.load([pid_m * BLOCK_M, k0])
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_ptrs += BLOCK_K
+        if B_KN:
+            b_ptrs += BLOCK_K * B_COLS
         else:
-            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            a_ptrs += BLOCK_K
-        if TMA:
-            b = _weight_tile(b_desc, e, n0, k0, BLOCK_N, BLOCK_K, B_KN)
-        else:
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            b_ptrs += BLOCK_K * B_COLS if B_KN else BLOCK_K
+            b_ptrs += BLOCK_K
         acc = _mma(a, b, acc, IEEE)
     if EPILOGUE == _SWIGLU_BWD:
         # acc = dOut[token] @ down_e: the unweighted d(act) of columns n < I (= N_OUT). This tile's share
@@ -289,7 +265,7 @@ def grouped_gemm_kernel(
 
 @triton.autotune(
     configs=_configs(
-        [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)],
+        [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)],
         ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
     ),
     key=["M", "N", "L_MODE", "R_MODE", "L_SCALE"],
@@ -351,3 +327,16 @@ def grouped_wgrad_kernel(
         acc = _mma(lt, rt, acc, IEEE)
     dw = dw_ptr + e.to(tl.int64) * stride_de + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :]
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def slot_sum_kernel(y_ptr, out_ptr, N, H, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``out[n] = sum_k y[n * K + k]`` in fp32, k in order: a streaming pass with K loads in flight."""
+    tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = (tok < N)[:, None] & (cols < H)[None, :]
+    rows = y_ptr + tok[:, None] * TOP_K * H + cols[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(rows + k * H, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)

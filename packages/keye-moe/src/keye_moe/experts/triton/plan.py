@@ -1,15 +1,16 @@
-"""Padded dispatch for the Triton kernels, built on the device by two small kernels, without a host sync.
+"""Padded dispatch for the Triton kernels, built on the device by three small kernels, without a host sync.
 
 Each expert's rows are padded up to a multiple of ``block_m`` so that every row block belongs to exactly
 one expert. ``row_slot[p]`` is the flat (token * K + k) slot stored at padded row p, or -1 for padding;
 ``block_expert[b]`` is the expert of row block b, or E for the unused tail blocks (the grid is sized by
 the upper bound ``cdiv(N*K, block_m) + E`` so its size never depends on the routing).
 
-The slots are cut into chunks: ``_count_kernel`` takes each chunk's expert histogram, ``_place_kernel``
-gives every slot its padded row (expert start + slots of that expert in earlier chunks + rank inside
-the chunk). Slots keep their flat order inside an expert, as a stable argsort would, so the plan (and
-the weight-gradient summation order) is deterministic. ``reference_plan`` is the same plan in plain
-PyTorch (argsort, searchsorted), which the tests compare against.
+The slots are cut into small chunks: ``_count_kernel`` takes each chunk's expert histogram,
+``_scan_kernel`` (a program per expert) the slots of that expert in earlier chunks, and ``_place_kernel``
+gives every slot its padded row (expert start + that prefix + its rank among the chunk's slots of its
+expert). Slots keep their flat order inside an expert, as a stable argsort would, so the plan (and the
+weight-gradient summation order) is deterministic. ``reference_plan`` is the same plan in plain PyTorch
+(argsort, searchsorted), which the tests compare against.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from keye_moe.experts.routing import expert_counts
 
-MAX_CHUNKS = 256  # chunks per plan: bounds the per-chunk prefix sums each program recomputes
+CHUNK_ELEMENTS = 8192  # slots x experts per placement program (a one-hot [chunk, E] rank in registers)
 
 
 @dataclass
@@ -37,86 +38,90 @@ class Plan:
 
 
 @triton.jit
-def _count_kernel(ids_ptr, hist_ptr, S, E, CHUNK: tl.constexpr, BINS: tl.constexpr):
+def _count_kernel(ids_ptr, hist_ptr, S, E, P, CHUNK: tl.constexpr, BINS: tl.constexpr):
+    """Chunk p's expert histogram, stored transposed (``hist[e, p]``) for the per-expert scan."""
     p = tl.program_id(0)
     offs = p * CHUNK + tl.arange(0, CHUNK)
     ids = tl.load(ids_ptr + offs, mask=offs < S, other=0).to(tl.int32)
     hist = tl.histogram(ids, BINS, mask=offs < S)
     bins = tl.arange(0, BINS)
-    tl.store(hist_ptr + p * E + bins, hist, mask=bins < E)
+    tl.store(hist_ptr + bins * P + p, hist, mask=bins < E)
+
+
+@triton.jit
+def _scan_kernel(hist_ptr, base_ptr, counts_ptr, P, TILE: tl.constexpr):
+    """Expert e (one program each): slots in earlier chunks (exclusive prefix over p) and the total."""
+    e = tl.program_id(0)
+    running = tl.zeros([], dtype=tl.int32)
+    for p0 in range(0, P, TILE):
+        p = p0 + tl.arange(0, TILE)
+        h = tl.load(hist_ptr + e * P + p, mask=p < P, other=0)
+        tl.store(base_ptr + e * P + p, running + tl.cumsum(h, 0) - h, mask=p < P)
+        running += tl.sum(h, 0)
+    tl.store(counts_ptr + e, running)
 
 
 @triton.jit
 def _place_kernel(
     ids_ptr,
-    hist_ptr,
+    base_ptr,
+    counts_ptr,
     row_slot_ptr,
     block_expert_ptr,
     expert_start_ptr,
-    counts_ptr,
     S,
     E,
     P,
     NUM_BLOCKS,
+    BLOCKS_PER_PROGRAM,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
     BINS: tl.constexpr,
-    SUB: tl.constexpr,
 ):
+    """Each slot of chunk p goes to its expert's padded start + slots of that expert in earlier chunks +
+    its stable rank inside the chunk. Each program also labels a few row blocks with their expert."""
     p = tl.program_id(0)
     bins = tl.arange(0, BINS)
     e_mask = bins < E
-    total = tl.zeros([BINS], dtype=tl.int32)
-    before = tl.zeros([BINS], dtype=tl.int32)
-    for q0 in range(0, P, 16):  # every chunk's histogram: the totals and this chunk's exclusive prefix
-        q = q0 + tl.arange(0, 16)
-        h = tl.load(
-            hist_ptr + q[:, None] * E + bins[None, :], mask=(q < P)[:, None] & e_mask[None, :], other=0
-        )
-        total += tl.sum(h, 0)
-        before += tl.sum(tl.where((q < p)[:, None], h, 0), 0)
-    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded = (tl.load(counts_ptr + bins, mask=e_mask, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     start = end - padded
     if p == 0:
         tl.store(expert_start_ptr + bins, start, mask=e_mask)
-        tl.store(counts_ptr + bins, total, mask=e_mask)
-        end_real = tl.where(e_mask, end, 2147483647)
-        for b0 in range(0, NUM_BLOCKS, 64):  # expert of a block = number of experts ending at or before it
-            blk = b0 + tl.arange(0, 64)
-            first = blk * BLOCK_M
-            expert = tl.sum((end_real[None, :] <= first[:, None]).to(tl.int32), 1)
-            tl.store(block_expert_ptr + blk, expert, mask=blk < NUM_BLOCKS)
-    running = start + before  # next free padded row of each expert for this chunk
-    for s0 in range(0, CHUNK, SUB):
-        offs = p * CHUNK + s0 + tl.arange(0, SUB)
-        valid = offs < S
-        ids = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
-        onehot = (ids[:, None] == bins[None, :]).to(tl.int32)
-        rank = tl.cumsum(onehot, 0) - 1 + running[None, :]  # stable rank of each slot in its expert
-        dest = tl.sum(onehot * rank, 1)
-        tl.store(row_slot_ptr + dest, offs.to(tl.int32), mask=valid)
-        running += tl.sum(onehot, 0)
+    offs = p * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < S
+    ids = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
+    onehot = (ids[:, None] == bins[None, :]).to(tl.int32)
+    rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - 1 + start[None, :]), 1)
+    before = tl.load(base_ptr + ids * P + p, mask=valid, other=0)
+    tl.store(row_slot_ptr + before + rank, offs.to(tl.int32), mask=valid)
+    end_real = tl.where(e_mask, end, 2147483647)
+    for b0 in range(p * BLOCKS_PER_PROGRAM, (p + 1) * BLOCKS_PER_PROGRAM, 16):
+        blk = b0 + tl.arange(0, 16)  # a block's expert = number of experts ending at or before it
+        expert = tl.sum((end_real[None, :] <= blk[:, None] * BLOCK_M).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blk, expert, mask=(blk < NUM_BLOCKS) & (blk < b0 + BLOCKS_PER_PROGRAM))
 
 
 def make_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
     n, k = topk_ids.shape
     slots = n * k
     flat = topk_ids.reshape(-1)
-    chunk = max(1024, triton.next_power_of_2(triton.cdiv(slots, MAX_CHUNKS)))
-    chunks = triton.cdiv(slots, chunk)
     bins = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(CHUNK_ELEMENTS // bins, 128))
+    chunks = triton.cdiv(slots, chunk)
     num_blocks = triton.cdiv(slots, block_m) + num_experts
     dev = flat.device
-    hist = torch.empty(chunks, num_experts, dtype=torch.int32, device=dev)
+    hist = torch.empty(num_experts, chunks, dtype=torch.int32, device=dev)
+    base = torch.empty_like(hist)
     row_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=dev)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     expert_start = torch.empty(num_experts, dtype=torch.int32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    _count_kernel[(chunks,)](flat, hist, slots, num_experts, CHUNK=chunk, BINS=bins)
+    _count_kernel[(chunks,)](flat, hist, slots, num_experts, chunks, CHUNK=chunk, BINS=bins)
+    _scan_kernel[(num_experts,)](hist, base, counts, chunks, TILE=1024)
     _place_kernel[(chunks,)](
-        flat, hist, row_slot, block_expert, expert_start, counts, slots, num_experts, chunks, num_blocks,
-        BLOCK_M=block_m, CHUNK=chunk, BINS=bins, SUB=max(16, min(64, 4096 // bins)),
+        flat, base, counts, row_slot, block_expert, expert_start, slots, num_experts, chunks, num_blocks,
+        triton.cdiv(num_blocks, chunks), BLOCK_M=block_m, CHUNK=chunk, BINS=bins,
     )  # fmt: skip
     return Plan(row_slot, block_expert, expert_start, counts, block_m, num_blocks, k)
 
