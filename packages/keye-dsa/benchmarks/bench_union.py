@@ -97,7 +97,8 @@ def correctness(dev: str, smoke: bool) -> None:
 
 
 def sweep(dev: str, t: int) -> None:
-    """Times union launch settings on the structured pattern at ``t``; keeps the fastest."""
+    """Times union launch settings (rows per program, BLOCK_U, warps, stages) on the structured pattern at
+    ``t``; keeps the fastest."""
     q = torch.randn(1, t, 32, 128, device=dev, dtype=torch.bfloat16)
     k, v = (torch.randn(1, t, 4, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
     idx = structured_indices(t, 2048, dev)
@@ -110,24 +111,26 @@ def sweep(dev: str, t: int) -> None:
     dk, dv = (torch.zeros(k.shape, device=dev) for _ in range(2))
     union_kernel.union_attention_fwd(q, k, v, plan, o, lse, 128**-0.5)
     for name, table, options in (
-        ("fwd", union_kernel.FWD_LAUNCH, [(64, 8, 2), (64, 4, 2), (64, 8, 3), (32, 4, 2), (128, 8, 2)]),
-        ("bwd", union_kernel.BWD_LAUNCH, [(64, 8, 1), (64, 8, 2), (64, 4, 1), (32, 4, 1), (32, 8, 1)]),
-    ):
+        ("fwd", union_kernel.FWD_LAUNCH, [(128, 64, 8, 2), (128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2)]),
+        ("bwd", union_kernel.BWD_LAUNCH, [(128, 64, 8, 1), (128, 32, 8, 1), (128, 32, 4, 1), (64, 64, 4, 1)]),
+    ):  # fmt: skip
         best = None
-        for block_u, warps, stages in options:
-            table.update(BLOCK_U=block_u, num_warps=warps, num_stages=stages)
+        for rows, block_u, warps, stages in options:
+            table.update(ROWS=rows, BLOCK_U=block_u, num_warps=warps, num_stages=stages)
             args = (plan, o, lse) if name == "fwd" else (plan, do, lse, delta, dq, dk, dv)
             fn = union_kernel.union_attention_fwd if name == "fwd" else union_kernel.union_attention_bwd
             try:
                 ms = timed(lambda fn=fn, args=args: fn(q, k, v, *args, 128**-0.5), 5)
             except Exception as e:  # e.g. out of shared memory
-                RESULTS["errors"].append(f"sweep {name} {block_u},{warps},{stages}: {type(e).__name__}: {e}")
+                RESULTS["errors"].append(
+                    f"sweep {name} {rows},{block_u},{warps},{stages}: {type(e).__name__}: {e}"
+                )
                 continue
-            add(f"sweep union {name} BLOCK_U={block_u} warps={warps} stages={stages}", t, ms)
+            add(f"sweep union {name} rows={rows} BLOCK_U={block_u} warps={warps} stages={stages}", t, ms)
             if best is None or ms < best[0]:
-                best = (ms, block_u, warps, stages)
+                best = (ms, rows, block_u, warps, stages)
         if best is not None:
-            table.update(BLOCK_U=best[1], num_warps=best[2], num_stages=best[3])
+            table.update(ROWS=best[1], BLOCK_U=best[2], num_warps=best[3], num_stages=best[4])
             RESULTS["meta"][f"union_{name}_launch"] = dict(table)
 
 
@@ -150,19 +153,28 @@ def bench_length(t: int, dev: str, smoke: bool, dense: bool, path: str | None) -
     for pattern in ("structured", "random"):
         idx = structured_indices(t, topk, dev) if pattern == "structured" else random_indices(t, topk, dev)
         plan = build_union_plan(idx, t)
+        # tensor-core work the union kernel issues (masked lanes included): QK^T and PV per union row,
+        # for the 64 queries x Hq heads of its block; "useful": the selected slots only
+        union_rows = int(plan.count[plan.use].sum())
+        flops = {
+            "union_TFLOP": 4 * union_rows * 64 * hq * d / 1e12,
+            "useful_TFLOP": 4 * t * hq * topk * d / 1e12,
+        }
         build_ms = timed(lambda idx=idx: build_union_plan(idx, t), reps)
         blocks = f"{int(plan.use.sum())}/{plan.use.numel()}"
         add(f"union plan build {pattern}", t, build_ms, union_blocks=blocks, max_union=int(plan.count.max()))
         for mode in ("auto", "per_query"):
             set_path(mode)
             f_ms = timed(lambda idx=idx: sparse_attention(q, k, v, idx, validate_indices=False), reps)
-            add(f"sparse fwd {pattern} {mode}", t, f_ms)
+            add(f"sparse fwd {pattern} {mode}", t, f_ms, **(flops if mode == "auto" else {}))
             fb_ms = timed(lambda idx=idx: fwd_bwd(q, k, v, idx, grad), max(1, reps - 1))
             add(f"sparse fwd+bwd {pattern} {mode}", t, fb_ms, bwd_ms=fb_ms - f_ms)
             save(path)
         set_path("auto")
         del idx, plan
     if dev == "cuda":
+        add("peak memory GiB", t, float("nan"), GiB=torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
         torch.cuda.empty_cache()
 
 

@@ -160,3 +160,4 @@ def test_slice_queries_fill_128_rows():
     assert slice_queries(1) == 64
     assert slice_queries(3) == 32  # 96 real rows of a 128-row tile
     assert slice_queries(256) == 1
+    assert slice_queries(8, rows=64) == 8

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from keye_dsa.ops._triton_utils import dot_flags, mma
-from keye_dsa.ops.sparse_attention.union import QB, UnionPlan
+from keye_dsa.ops.sparse_attention.union import QB, QB_JIT, UnionPlan
 from keye_dsa.ops.sparse_attention.union_kernel import union_attention_bwd, union_attention_fwd
 
 
@@ -73,7 +73,7 @@ def _gather_kv(
 @triton.jit
 def _skipped(SKIP, b, t, NB, KTOP, row_ok, diag):
     """For a token whose 64-query block the union kernel computes: no slots, nothing stored."""
-    skip = tl.load(SKIP + b * NB + t // QB) != 0
+    skip = tl.load(SKIP + b * NB + t // QB_JIT) != 0
     return tl.where(skip, 0, KTOP), row_ok & ~skip, diag & ~skip
 
 

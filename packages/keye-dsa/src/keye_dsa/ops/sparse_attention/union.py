@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 QB = 64  # queries per block: one bit each in the 64-bit membership mask
+QB_JIT = tl.constexpr(QB)  # the same, for @triton.jit code (which reads only constexpr globals)
 UNION_CAP = 4096  # largest |U_b| taken by the union kernel (structured top-2048: about 2600)
 
 

@@ -21,15 +21,13 @@ import triton
 import triton.language as tl
 
 from keye_dsa.ops._triton_utils import dot_flags, mma
-from keye_dsa.ops.sparse_attention.union import QB, UnionPlan
-
-ROWS = 128  # target MMA rows per program (queries of the slice x heads of the group)
+from keye_dsa.ops.sparse_attention.union import QB, QB_JIT, UnionPlan
 
 
-def slice_queries(groups: int) -> int:
-    """Queries per program: a power of two dividing the 64-query block, about ``ROWS / G`` of them."""
+def slice_queries(groups: int, rows: int = 128) -> int:
+    """Queries per program: a power of two dividing the 64-query block, about ``rows / G`` of them."""
     qs = 1
-    while qs < QB and 2 * qs * groups <= ROWS:
+    while qs < QB and 2 * qs * groups <= rows:
         qs *= 2
     return qs
 
@@ -39,8 +37,8 @@ def _rows(blk, sl, NB, T, G: tl.constexpr, QS: tl.constexpr, BLOCK_M: tl.constex
     """The program's rows: query ``t`` of the batch row, head within the group, membership bit, valid."""
     rows = tl.arange(0, BLOCK_M)
     local = sl * QS + rows // G
-    t = (blk % NB) * QB + local
-    return t, rows % G, tl.minimum(local, QB - 1).to(tl.int64), (rows < QS * G) & (t < T)
+    t = (blk % NB) * QB_JIT + local
+    return t, rows % G, tl.minimum(local, QB_JIT - 1).to(tl.int64), (rows < QS * G) & (t < T)
 
 
 @triton.jit
@@ -153,14 +151,15 @@ def _union_bwd(
              (dq * scale).to(DQ.dtype.element_ty), mask=tile)  # fmt: skip
 
 
-# Launch settings (the benchmark sweeps them); BLOCK_U is the number of union rows per step.
-FWD_LAUNCH = {"BLOCK_U": 64, "num_warps": 8, "num_stages": 2}
-BWD_LAUNCH = {"BLOCK_U": 64, "num_warps": 8, "num_stages": 1}
+# Launch settings (the benchmark sweeps them): ROWS, the target MMA rows per program (queries of the
+# slice x heads of the group); BLOCK_U, the union rows per step.
+FWD_LAUNCH = {"ROWS": 128, "BLOCK_U": 64, "num_warps": 8, "num_stages": 2}
+BWD_LAUNCH = {"ROWS": 128, "BLOCK_U": 64, "num_warps": 8, "num_stages": 1}
 
 
 def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
     groups = q.shape[2] // k.shape[2]
-    qs = slice_queries(groups)
+    qs = slice_queries(groups, launch["ROWS"])
     block_m = max(16, triton.next_power_of_2(qs * groups))
     block_u = launch["BLOCK_U"] if q.dtype != torch.float32 else min(32, launch["BLOCK_U"])
     return groups, qs, block_m, triton.next_power_of_2(q.shape[3]), block_u
