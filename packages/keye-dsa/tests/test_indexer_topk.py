@@ -52,7 +52,9 @@ def test_scores_match_the_formula():
 )
 def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, topk, dtype):
     monkeypatch.setattr(triton_kernel, "SCORE_BYTES_PER_CHUNK", 4 * 16 * s)  # several query chunks
-    monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 16 if t > 30 else 10**6)  # both selection paths
+    cand_row = 8 * triton_kernel.CANDIDATES_PER_TOPK * topk
+    monkeypatch.setattr(triton_kernel, "CANDIDATE_BYTES_PER_CHUNK", b * 16 * cand_row)
+    monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 16 if t > 30 else 10**6)  # both paths
     q, k, w = _inputs(b, t, s, h, d, dtype, seed=t * s)
     force_impl("triton")
     got = select_topk(q, k, w, topk)
@@ -65,31 +67,59 @@ def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, t
         assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_left_padding_and_decode_offsets(force_impl, impl):
-    force_impl(impl)
-    q, k, w = _inputs(2, 5, 70, 4, 32, torch.float32, seed=7)
-    start = torch.tensor([3, 40], device=DEVICE)
-    idx = select_topk(q, k, w, 7, key_start=start)
-    _assert_exact_topk(q, k, w, idx, 7, key_start=start)
-    assert (idx[0][idx[0] >= 0] >= 3).all() and (idx[1][idx[1] >= 0] >= 40).all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(dtype):
+    """The candidate scoring kernel against the reference scores filtered by the same thresholds."""
+    b, t, s, h, d, topk = 2, 21, 37, 3, 24, 3
+    q, k, w = _inputs(b, t, s, h, d, dtype, seed=5)
+    lo = torch.tensor([[0], [4]], dtype=torch.int32, device=DEVICE).expand(b, t).contiguous()
+    hi = (torch.arange(t, dtype=torch.int32, device=DEVICE) + s - t)[None].expand(b, t).contiguous()
+    ref = indexer_scores_reference(q, k, w, key_start=lo[:, 0])
+    g = torch.Generator().manual_seed(1)
+    thr = ref.clamp_min(-1e30).gather(2, torch.randint(0, 16, (b, t, 1), generator=g).to(DEVICE))[..., 0]
+    thr[0, :3] = float("-inf")  # every visible key
+    cs, cp, count = triton_kernel.score_candidates(q, k, w, lo, hi, 0, s, thr.contiguous(), topk)
+    cap = cs.shape[-1]
+    for bi in range(b):
+        for ti in range(t):
+            keep = (ref[bi, ti] >= thr[bi, ti]) & torch.isfinite(ref[bi, ti])
+            pos = keep.nonzero()[:, 0]
+            n = int(count[bi, ti])
+            assert n == pos.numel(), (bi, ti)
+            m = min(n, cap)
+            assert torch.equal(cp[bi, ti, :m].long(), pos[:m])  # key order
+            torch.testing.assert_close(cs[bi, ti, :m], ref[bi, ti, pos[:m]], atol=1e-5, rtol=1e-5)
 
 
-def test_candidate_and_fallback_paths_both_run(force_impl, monkeypatch):
-    """The sampled-threshold candidate path serves most rows; rows it misjudges take the full select."""
+@pytest.mark.parametrize("case", ["sampled", "exact zeros", "tiny buffer", "too few"])
+def test_candidate_path_and_its_fallbacks(force_impl, monkeypatch, case):
+    """Rows the sampled threshold misjudges are flagged and redone on the full path: still exact."""
     force_impl("triton")
-    calls = []
-    full = triton_kernel._radix_select
-
-    def spy(scores, pos, lo, hi, base, active, *rest, **kw):
-        calls.append((pos is not None, int(active.sum())))
-        return full(scores, pos, lo, hi, base, active, *rest, **kw)
-
-    monkeypatch.setattr(triton_kernel, "_radix_select", spy)
     monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 1)
+    if case == "tiny buffer":
+        monkeypatch.setattr(triton_kernel, "CANDIDATES_PER_TOPK", 1)
+    if case == "too few":
+        monkeypatch.setattr(triton_kernel, "CANDIDATE_FACTOR", 0.5)
+    flagged = []
+    settle = triton_kernel.settle_fallbacks
+
+    def spy(*args):
+        flagged.append(int(args[-1].sum()))
+        return settle(*args)
+
+    monkeypatch.setattr(triton_kernel, "settle_fallbacks", spy)
     q, k, w = _inputs(1, 60, 60, 4, 16, torch.float32, seed=0)
-    _assert_exact_topk(q, k, w, select_topk(q, k, w, 5), 5)
-    assert any(cand and n > 0 for cand, n in calls) and any(not cand and n > 0 for cand, n in calls[1:])
+    if case == "exact zeros":  # negative gates: most scores are exactly 0, more ties than the buffer
+        w = -w.abs()
+    idx = select_topk(q, k, w, 5)
+    _assert_exact_topk(q, k, w, idx, 5)
+    force_impl("reference")
+    assert torch.equal(idx.sort(-1).values, select_topk(q, k, w, 5).sort(-1).values)
+    assert len(flagged) == 1
+    if case == "sampled":
+        assert flagged[0] < 60 // 2  # most rows settled by the candidates
+    else:
+        assert flagged[0] > 0
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

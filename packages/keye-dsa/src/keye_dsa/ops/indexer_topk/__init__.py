@@ -72,29 +72,36 @@ def select_topk(
         return all_visible(batch, t, s, topk, key_start, q_index.device)
     if impl_for(q_index, k_index, weights) != "triton" or q_index.dtype == torch.float64:
         return select_topk_reference(q_index, k_index, weights, topk, key_start=key_start)
-    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
-
     dev = q_index.device
     out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
     starts = torch.zeros(batch, dtype=torch.int32, device=dev) if key_start is None else key_start.to(dev)
-    rows = chunk_rows(batch, s)
-    q_index, k_index, weights = (x.contiguous() for x in (q_index, k_index, weights))
+    lo = starts.to(torch.int32)[:, None].expand(batch, t)
+    hi = (torch.arange(t, dtype=torch.int32, device=dev) + (s - t))[None].expand(batch, t)
+    base = torch.zeros_like(lo)
+    _select_triton(q_index, k_index, weights, lo, hi, base, out, lambda c0, c1: (0, c1 + s - t))
+    return out
+
+
+def _select_triton(q, k, w, lo, hi, base, out, window) -> None:
+    """Kernel top-k of every query, chunk by chunk; ``window(c0, c1)`` gives the key range ``[k0, k1)``
+    the queries ``c0:c1`` may see. Rows the candidate path could not settle are redone at the end."""
+    from keye_dsa.ops.indexer_topk import triton_kernel as tk
+
+    batch, t = lo.shape
+    q, k, w = (x.contiguous() for x in (q, k, w))
+    rows = tk.chunk_rows(batch, k.shape[1], t, out.shape[-1])
+    fail = None
     for c0 in range(0, t, rows):
         c1 = min(t, c0 + rows)
-        lo = starts.to(torch.int32)[:, None].expand(batch, c1 - c0)
-        hi = (torch.arange(c0, c1, dtype=torch.int32, device=dev) + (s - t))[None].expand(batch, c1 - c0)
-        topk_chunk(
-            q_index[:, c0:c1],
-            k_index,
-            weights[:, c0:c1],
-            lo,
-            hi,
-            torch.zeros_like(lo),
-            out[:, c0:c1],
-            0,
-            c1 + s - t,
-        )
-    return out
+        k0, k1 = window(c0, c1)
+        qc, wc, loc, hic, basec = (x[:, c0:c1] for x in (q, w, lo, hi, base))
+        candidates = batch * (c1 - c0) >= tk.CANDIDATE_MIN_ROWS
+        flags = tk.topk_chunk(qc, k, wc, loc, hic, basec, out[:, c0:c1], k0, k1, candidates=candidates)
+        if flags is not None:
+            fail = torch.zeros(batch, t, dtype=torch.int8, device=q.device) if fail is None else fail
+            fail[:, c0:c1] = flags
+    if fail is not None:
+        tk.settle_fallbacks(q, k, w, lo, hi, base, out, fail)
 
 
 def _select_packed(q, k, w, topk, cu_seqlens):
@@ -112,26 +119,9 @@ def _select_packed(q, k, w, topk, cu_seqlens):
             if b > a:
                 out[a:b] = select_topk_reference(q[None, a:b], k[None, a:b], w[None, a:b], topk)[0]
         return out
-    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
-
-    q, k, w = (x.contiguous() for x in (q, k, w))
     out = torch.empty(1, q.shape[0], topk, dtype=torch.int32, device=q.device)
-    lo_all = starts.to(torch.int32)[None]
-    hi_all = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[None]
-    rows = chunk_rows(1, longest)
+    lo = starts.to(torch.int32)[None]
+    hi = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)[None]
     starts_host = starts.tolist()
-    for c0 in range(0, q.shape[0], rows):
-        c1 = min(q.shape[0], c0 + rows)
-        lo = lo_all[:, c0:c1]
-        topk_chunk(
-            q[None, c0:c1],
-            k[None],
-            w[None, c0:c1],
-            lo,
-            hi_all[:, c0:c1],
-            lo,
-            out[:, c0:c1],
-            starts_host[c0],
-            c1,
-        )
+    _select_triton(q[None], k[None], w[None], lo, hi, lo, out, lambda c0, c1: (starts_host[c0], c1))
     return out[0]

@@ -1,22 +1,33 @@
 """Triton Lightning-Indexer scoring and exact top-k, chunked over queries (DESIGN §4).
 
-No ``L x L`` score matrix ever exists: queries are processed a chunk at a time (about 1 GiB of fp32
-scores per chunk whatever the length), with these launches per chunk:
+No ``L x L`` score matrix ever exists. Prefill chunks (the candidate path) never write their scores:
 
-1. ``_index_scores``: one tensor-core product per (query tile x key tile) with the ``H`` index heads of
-   ``BLOCK_T`` queries stacked as ``BLOCK_T * H`` MMA rows, then ReLU, the per-head gate and the sum over
-   heads. Tiles entirely past the causal edge are skipped (never read later).
-2. Exact radix select of each row's k-th largest score over the order-preserving uint32 image of the
-   fp32 scores, 8 bits a pass. Each row is split into segments handled by separate programs, so a
-   handful of long rows (decoding) still fills the GPU: ``_radix_hist`` (4 launches) adds each
-   segment's digit histogram into the row's histogram with atomics; every program replays the
-   finished passes (``_replay``) to know the prefix so far. ``_radix_count`` counts each segment's keys
-   above and equal to the threshold, an exclusive prefix sum over segments gives each segment its
-   output offsets, and ``_radix_write`` writes the keys above the threshold and, in key order, as many
-   ties as still fit. Rows that see at most ``topk`` keys skip the selection and take every visible key.
+1. ``_sample_threshold``: each block of queries scores ``SAMPLE`` keys spread evenly over the chunk's
+   key window and, per query, takes the sampled score that ranks at ``CANDIDATE_FACTOR * topk`` among
+   its visible keys (scaled from the sample; an exact bitwise search over the sample): an estimate of a
+   threshold that a little more than ``topk`` keys pass.
+2. ``_index_scores`` (``CANDIDATES``): one program per block of queries loops over all its key tiles
+   (tensor-core dots, ReLU, the per-head gate, the sum over heads; tiles past the causal edge skipped)
+   and appends the (score, position) pairs at or above each query's threshold, in key order, to the
+   query's candidate buffer of ``CANDIDATES_PER_TOPK * topk`` entries.
+3. ``_select_candidates``: one program per query finds the exact k-th largest candidate in four 8-bit
+   radix passes and writes the keys above it and, in key order, as many ties as still fit.
 
-Selection is exact and deterministic: among equal scores (e.g. exact zeros after ReLU) the lowest key
-positions win, the rule of the reference (a stable sort), so both return the same index sets.
+Exactness: when a row has at least ``topk`` candidates, every key scoring at least its k-th largest is
+among them, in key order, so ties are cut at the lowest positions exactly as on the full path. Rows
+whose estimate failed (fewer candidates than ``min(topk, visible keys)``, or more than the buffer) are
+flagged; ``settle_fallbacks`` reruns them on the full path (one host sync per ``select_topk`` call).
+
+Full path (decoding, short chunks and the flagged rows; no host sync): ``_index_scores`` writes the
+chunk's fp32 scores, one key tile per program, then an exact radix select over the order-preserving
+uint32 image of the scores, 8 bits a pass. Each row is split into segments handled by separate
+programs so a handful of long rows (decoding) still fills the GPU: ``_radix_hist`` (4 launches) adds
+each segment's digit histogram into the row's with atomics; every program replays the finished passes
+(``_replay``); ``_radix_count`` counts each segment's keys above and at the threshold, an exclusive
+prefix sum gives each segment its output offsets, and ``_radix_write`` writes them.
+
+Among equal scores (e.g. exact zeros after ReLU) the lowest key positions win, the rule of the
+reference (a stable sort), so every path returns the same index sets.
 """
 
 from __future__ import annotations
@@ -27,22 +38,77 @@ import triton.language as tl
 
 from keye_dsa.ops._triton_utils import dot_flags, mma
 
-SCORE_BYTES_PER_CHUNK = 1 << 30
-SAMPLE = 2048  # scores sampled per row to place the candidate threshold
-CANDIDATES_PER_TOPK = 8  # candidate buffer per row, in units of topk
-CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows skip the candidate stage
+SCORE_BYTES_PER_CHUNK = 1 << 30  # full path: fp32 scores of one chunk
+CANDIDATE_BYTES_PER_CHUNK = 1 << 30  # candidate path: (score, position) buffers of one chunk
+CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows take the full path
+CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
+CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
+SAMPLE = 2048  # keys sampled per chunk to place the thresholds
+# Launch settings of the candidate scoring kernel (BLOCK_T queries x BLOCK_S keys per step).
+CANDIDATE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 128, "PER_HEAD": True, "num_warps": 8, "num_stages": 3}
+
+
+@triton.jit
+def _gated_scores(
+    Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_T, BLOCK_S]`` scores of queries ``t`` against the key tile ``kt [BLOCK_D, BLOCK_S]``.
+
+    ``PER_HEAD``: one dot per head (its queries' rows of ``Q`` and gates of ``W``), summed in place.
+    Otherwise ``q [BLOCK_T * BLOCK_H, BLOCK_D]`` stacks every head's rows into one dot and the heads
+    are summed after a reshape (``wr``: the matching gates)."""
+    if PER_HEAD:
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+        for h in tl.static_range(BLOCK_H):
+            h_ok = t_ok & (h < H)
+            qh = tl.load(
+                Q + t[:, None].to(tl.int64) * sqt + h * sqh + d[None, :],
+                mask=h_ok[:, None] & (d[None, :] < D),
+                other=0.0,
+            )
+            wh = tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32)
+            acc += tl.maximum(mma(qh, kt, PRECISE, UPCAST), 0.0) * wh[:, None]
+    else:
+        gated = tl.maximum(mma(q, kt, PRECISE, UPCAST), 0.0) * wr[:, None]
+        acc = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1)
+    return acc * scale
+
+
+@triton.jit
+def _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D,
+                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The block's queries as ``[BLOCK_T * BLOCK_H, BLOCK_D]`` rows (query-major) and their gates."""
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    rt = pid_t * BLOCK_T + r // BLOCK_H
+    rh = r % BLOCK_H
+    r_ok = (rt < n_rows) & (rh < H)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        Q + rt[:, None].to(tl.int64) * sqt + rh[:, None] * sqh + d[None, :],
+        mask=r_ok[:, None] & (d[None, :] < D),
+        other=0.0,
+    )
+    wr = tl.load(W + rt.to(tl.int64) * swt + rh, mask=r_ok, other=0.0).to(tl.float32)
+    return q, wr
 
 
 @triton.jit
 def _index_scores(
-    Q, K, W, S, LO, HI,
+    Q, K, W, LO, HI, THR, S, POS, COUNT,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
+    """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
+    ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
+    window position) pairs at or above ``THR`` to row buffers ``S``/``POS`` (``sst`` entries each),
+    counts in ``COUNT``. Otherwise
+    writes key tile ``program_id(1)`` of the fp32 score rows ``S`` (``-inf`` where not visible)."""
     pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
     K += b * skb
@@ -54,36 +120,49 @@ def _index_scores(
     t_ok = t < n_rows
     hi = tl.load(HI + t, mask=t_ok, other=-1)
     lo = tl.load(LO + t, mask=t_ok, other=2147483647)
-    s_loc = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # position inside the window starting at key k0
-    if (pid_s * BLOCK_S > tl.max(hi)) | (pid_s * BLOCK_S + BLOCK_S <= tl.min(lo)):
-        return
-    s_abs = (k0 + s_loc).to(tl.int64)
-    r = tl.arange(0, BLOCK_T * BLOCK_H)
-    rt = pid_t * BLOCK_T + r // BLOCK_H
-    rh = r % BLOCK_H
-    r_ok = (rt < n_rows) & (rh < H)
-    acc = tl.zeros([BLOCK_T * BLOCK_H, BLOCK_S], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(
-            Q + rt[:, None].to(tl.int64) * sqt + rh[:, None] * sqh + d[None, :],
-            mask=r_ok[:, None] & (d[None, :] < D),
+    start = tl.min(lo, 0) // BLOCK_S * BLOCK_S
+    stop = tl.max(hi, 0) + 1
+    if CANDIDATES:
+        POS += b * ssb
+        thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
+        taken = tl.zeros([BLOCK_T], tl.int32)
+    else:
+        start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
+        stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
+    if PER_HEAD:
+        q = 0.0
+        wr = 0.0
+    else:
+        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
+    for s0 in range(start, stop, BLOCK_S):
+        s_loc = s0 + tl.arange(0, BLOCK_S)
+        kt = tl.load(
+            K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
+            mask=(s_loc[None, :] < stop) & (d[:, None] < D),
             other=0.0,
         )
-        k = tl.load(
-            K + s_abs[None, :] * sks + d[:, None], mask=(s_loc[None, :] < width) & (d[:, None] < D), other=0.0
-        )
-        acc += mma(q, k, PRECISE, UPCAST)
-    w = tl.load(W + rt.to(tl.int64) * swt + rh, mask=r_ok, other=0.0).to(tl.float32)
-    gated = tl.maximum(acc, 0.0) * w[:, None]
-    score = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1) * scale
-    visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
-    score = tl.where(visible, score, float("-inf"))
-    tl.store(
-        S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
-        score,
-        mask=t_ok[:, None] & (s_loc[None, :] < width),
-    )
+        score = _gated_scores(
+            Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
+            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
+        )  # fmt: skip
+        visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
+        if CANDIDATES:
+            keep = visible & (score >= thr[:, None])
+            at = taken[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+            dst = t[:, None].to(tl.int64) * sst + at
+            fits = keep & (at < sst)
+            tl.store(S + dst, score, mask=fits)
+            tl.store(POS + dst, s_loc[None, :] + tl.zeros_like(at), mask=fits)
+            taken += tl.sum(keep.to(tl.int32), 1)
+        else:
+            tl.store(
+                S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
+                tl.where(visible, score, float("-inf")),
+                mask=t_ok[:, None] & (s_loc[None, :] < width),
+            )
+    if CANDIDATES:
+        tl.store(COUNT + b * n_rows + t, taken, mask=t_ok)
 
 
 @triton.jit
@@ -95,21 +174,121 @@ def _ordered_key(x):
 
 
 @triton.jit
+def _from_ordered_key(key):
+    """The inverse of ``_ordered_key``."""
+    flip = tl.where((key >> 31) == 1, 0x80000000, 0xFFFFFFFF).to(tl.uint32)
+    return (key ^ flip).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sample_threshold(
+    Q, K, W, LO, HI, SMP, THR,
+    sqb, sqt, sqh, skb, sks, swb, swt,
+    k0, n_rows, width, scale, H, D, RANK,
+    M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
+    (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
+    sees at most ``RANK`` keys or no sample. Samples: window positions ``j * width // M``."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    W += b * swb
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < n_rows
+    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
+    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=0)
+    if PER_HEAD:
+        q = 0.0
+        wr = 0.0
+    else:
+        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
+    rows = SMP + (b * n_rows + t[:, None]) * M
+    for j0 in range(0, M, BLOCK_S):
+        j = j0 + tl.arange(0, BLOCK_S)
+        p = ((j.to(tl.int64) * width) // M).to(tl.int32)
+        kt = tl.load(K + (k0 + p[None, :]).to(tl.int64) * sks + d[:, None], mask=d[:, None] < D, other=0.0)
+        score = _gated_scores(
+            Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
+            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
+        )  # fmt: skip
+        visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
+        tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
+    tl.debug_barrier()  # the block reads back what all of its threads wrote
+    x = tl.load(rows + tl.arange(0, M)[None, :], mask=t_ok[:, None], other=float("-inf"))
+    key = _ordered_key(x)
+    m = tl.sum((x > float("-inf")).to(tl.int32), 1)
+    n = hi - lo + 1
+    rank = ((RANK * m.to(tl.int64) + n - 1) // tl.maximum(n, 1)).to(tl.int32)
+    found = tl.zeros([BLOCK_T], tl.uint32)
+    for bit in tl.static_range(32):
+        trial = found | (1 << (31 - bit))
+        at_least = tl.sum((key >= trial[:, None]).to(tl.int32), 1)
+        found = tl.where(at_least >= rank, trial, found)
+    use = (n > RANK) & (m > 0)
+    tl.store(THR + b * n_rows + t, tl.where(use, _from_ordered_key(found), float("-inf")), mask=t_ok)
+
+
+@triton.jit
+def _digit_step(hist, prefix, pmask, need, PASS: tl.constexpr):
+    """Fixes the threshold's digit of pass ``PASS`` from its histogram: the largest digit with at least
+    ``need`` keys at or above it; ``need`` drops by the keys strictly above."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
+    need = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
+    prefix = prefix | (digit.to(tl.uint32) << (24 - 8 * PASS))
+    pmask = pmask | (tl.full([1], 255, tl.uint32) << (24 - 8 * PASS))
+    return prefix, pmask, need
+
+
+@triton.jit
 def _replay(HIST, TOPK, PASSES: tl.constexpr):
     """Threshold prefix, its bit mask, and how many keys equal to the threshold to take, after
     ``PASSES`` finished 8-bit passes whose histograms are at ``HIST``."""
-    bins = tl.arange(0, 256)
     prefix = tl.zeros([1], tl.uint32)
     pmask = tl.zeros([1], tl.uint32)
     need = tl.full([1], TOPK, tl.int32)
     for p in tl.static_range(PASSES):
-        hist = tl.load(HIST + p * 256 + bins)
-        at_or_above = tl.cumsum(hist, 0, reverse=True)
-        digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
-        need = need - tl.sum(tl.where(bins > digit, hist, 0), 0)
-        prefix = prefix | (digit.to(tl.uint32) << (24 - 8 * p))
-        pmask = pmask | (tl.full([1], 255, tl.uint32) << (24 - 8 * p))
+        prefix, pmask, need = _digit_step(tl.load(HIST + p * 256 + tl.arange(0, 256)), prefix, pmask, need, p)
     return prefix, pmask, need
+
+
+@triton.jit
+def _digit_histogram(scores, begin, end, prefix, pmask, PASS: tl.constexpr, BLOCK: tl.constexpr):
+    """Histogram of pass ``PASS``'s digit over the keys in ``[begin, end)`` that match ``prefix``."""
+    hist = tl.zeros([256], tl.int32)
+    for s0 in range(begin, end, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
+        match = (s < end) & ((key & pmask) == prefix)
+        hist += tl.histogram(((key >> (24 - 8 * PASS)) & 255).to(tl.int32), 256, mask=match)
+    return hist
+
+
+@triton.jit
+def _write_selected(scores, pos, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift,
+                    HAS_POS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Writes the keys of ``[begin, end)`` above ``threshold`` from slot ``taken_gt`` on, and those equal
+    to it, in key order, from slot ``n_above + taken_eq`` on while fewer than ``need`` ties are taken.
+    ``pos`` (with ``HAS_POS``) maps entries to key positions; ``shift`` is added to what is written."""
+    for s0 in range(begin, end, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
+        gt = (s < end) & (key > threshold)
+        eq = (s < end) & (key == threshold)
+        pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
+        pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+        src = s
+        if HAS_POS:
+            src = tl.load(pos + s, mask=s < end, other=0)
+        tl.store(out + pos_gt, src + shift, mask=gt)
+        tl.store(out + n_above + pos_eq, src + shift, mask=eq & (pos_eq < need))
+        taken_gt += tl.sum(gt.to(tl.int32), 0)
+        taken_eq += tl.sum(eq.to(tl.int32), 0)
 
 
 @triton.jit
@@ -121,14 +300,8 @@ def _radix_hist(S, LO, HI, HIST, sst, TOPK, SEG, PASS: tl.constexpr, BLOCK: tl.c
     if (hi - lo + 1 > TOPK) & (begin <= hi):
         hist_row = HIST + row.to(tl.int64) * 1024
         prefix, pmask, _ = _replay(hist_row, TOPK, PASS)
-        scores = S + row.to(tl.int64) * sst
         end = tl.minimum(begin + SEG, hi + 1)
-        hist = tl.zeros([256], tl.int32)
-        for s0 in range(begin, end, BLOCK):
-            s = s0 + tl.arange(0, BLOCK)
-            key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
-            match = (s < end) & ((key & pmask) == prefix)
-            hist += tl.histogram(((key >> (24 - 8 * PASS)) & 255).to(tl.int32), 256, mask=match)
+        hist = _digit_histogram(S + row.to(tl.int64) * sst, begin, end, prefix, pmask, PASS, BLOCK)
         tl.atomic_add(hist_row + PASS * 256 + tl.arange(0, 256), hist, sem="relaxed")
 
 
@@ -157,99 +330,134 @@ def _radix_count(S, LO, HI, HIST, COUNTS, sst, TOPK, SEG, NSEG, BLOCK: tl.conste
 
 @triton.jit
 def _radix_write(
-    S, POS, ACTIVE, LO, HI, BASE, HIST, OFFSETS, OUT, sst, sob, sot, NR, k0, TOPK, SEG, NSEG,
-    HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
+    S, LO, HI, BASE, HIST, OFFSETS, OUT, sst, sob, sot, NR, k0, TOPK, SEG, NSEG, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Writes the selection of the rows flagged in ``ACTIVE``; with ``HAS_POS`` the entries of ``S`` are
-    candidates whose key positions are in ``POS`` (same layout)."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
-    if tl.load(ACTIVE + row) == 0:
-        return
     lo = tl.load(LO + row)
     hi = tl.load(HI + row)
-    shift_out = k0 - tl.load(BASE + row)
+    shift = k0 - tl.load(BASE + row)
     out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
     n = hi - lo + 1
-    offs = tl.arange(0, BLOCK)
     if n <= TOPK:  # every visible key, then -1 padding; segment ``seg`` covers output slots of its range
         for j0 in range(seg * SEG, tl.minimum(seg * SEG + SEG, TOPK), BLOCK):
-            j = j0 + offs
-            src = lo + j
-            if HAS_POS:
-                src = tl.load(POS + row.to(tl.int64) * sst + src, mask=j < n, other=0)
-            tl.store(out + j, tl.where(j < n, src + shift_out, -1), mask=(j < TOPK) & (j < seg * SEG + SEG))
+            j = j0 + tl.arange(0, BLOCK)
+            tl.store(out + j, tl.where(j < n, lo + j + shift, -1), mask=(j < TOPK) & (j < seg * SEG + SEG))
     else:
         begin = lo + seg * SEG
         if begin <= hi:
             threshold, _, need = _replay(HIST + row.to(tl.int64) * 1024, TOPK, 4)
-            n_above = TOPK - need  # keys strictly above the threshold go first, ties after them
             base = OFFSETS + (row.to(tl.int64) * NSEG + seg) * 2
+            end = tl.minimum(begin + SEG, hi + 1)
             taken_gt = tl.load(base + tl.arange(0, 1))
             taken_eq = tl.load(base + 1 + tl.arange(0, 1))
             scores = S + row.to(tl.int64) * sst
-            end = tl.minimum(begin + SEG, hi + 1)
-            for s0 in range(begin, end, BLOCK):
-                s = s0 + offs
-                key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
-                gt = (s < end) & (key > threshold)
-                eq = (s < end) & (key == threshold)
-                pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
-                pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-                src = s
-                if HAS_POS:
-                    src = tl.load(POS + row.to(tl.int64) * sst + s, mask=s < end, other=0)
-                tl.store(out + pos_gt, src + shift_out, mask=gt)
-                tl.store(out + n_above + pos_eq, src + shift_out, mask=eq & (pos_eq < need))
-                taken_gt += tl.sum(gt.to(tl.int32), 0)
-                taken_eq += tl.sum(eq.to(tl.int32), 0)
+            n_above = TOPK - need  # keys strictly above the threshold go first, ties after them
+            _write_selected(
+                scores, S, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift, False, BLOCK
+            )
 
 
 @triton.jit
-def _sample_threshold(S, LO, HI, THR, sst, TOPK, M: tl.constexpr):
-    """A threshold from ``M`` evenly spaced scores of the row, ranked to keep about ``2 * TOPK`` keys."""
+def _select_candidates(CS, CP, COUNT, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """Exact top-``TOPK`` of one row's candidates (key order), or a flag in ``FAIL`` when they cannot
+    contain it: fewer than ``min(TOPK, visible keys)``, or more than the ``CAP`` the buffer kept."""
     row = tl.program_id(0)
-    lo = tl.load(LO + row)
-    n = tl.load(HI + row) - lo + 1
-    i = tl.arange(0, M)
-    pos = lo + (i.to(tl.int64) * tl.maximum(n, 1).to(tl.int64)) // M
-    x = tl.load(S + row.to(tl.int64) * sst + pos, mask=n > TOPK, other=float("-inf"))
-    ranked = tl.sort(x, descending=True)
-    rank = tl.minimum(tl.maximum((2 * TOPK * M) // tl.maximum(n, 1), 1), M)
-    tl.store(THR + row, tl.sum(tl.where(i == rank - 1, ranked, 0.0), 0))
-
-
-@triton.jit
-def _candidates(S, LO, HI, THR, COUNTS, OFFSETS, CS, CP, sst, CAP, TOPK, SEG, NSEG, WRITE: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
-    """Per segment: count the keys scoring at least the sampled threshold, or (``WRITE``) copy them,
-    in key order, to the row's candidate buffer at the segment's offset."""
-    row = tl.program_id(0)
-    seg = tl.program_id(1)
-    lo = tl.load(LO + row)
-    hi = tl.load(HI + row)
-    begin = lo + seg * SEG
-    if (hi - lo + 1 > TOPK) & (begin <= hi):
-        thr = tl.load(THR + row)
-        scores = S + row.to(tl.int64) * sst
-        end = tl.minimum(begin + SEG, hi + 1)
-        slot = OFFSETS + row.to(tl.int64) * NSEG + seg
-        if WRITE:
-            taken = tl.load(slot + tl.arange(0, 1))
+    count = tl.load(COUNT + row)
+    n = tl.load(HI + row) - tl.load(LO + row) + 1
+    ok = (count >= tl.minimum(n, TOPK)) & (count <= CAP)
+    tl.store(FAIL + row, (~ok).to(tl.int8))
+    if ok:
+        out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
+        scores = CS + row.to(tl.int64) * CAP
+        pos = CP + row.to(tl.int64) * CAP
+        shift = -tl.load(BASE + row)
+        if count <= TOPK:  # every visible key is a candidate: all of them, then -1 padding
+            for j0 in range(0, TOPK, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                src = tl.load(pos + j, mask=j < count, other=0)
+                tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
         else:
-            taken = tl.zeros([1], tl.int32)
-        for s0 in range(begin, end, BLOCK):
-            s = s0 + tl.arange(0, BLOCK)
-            x = tl.load(scores + s, mask=s < end, other=float("-inf"))
-            keep = (s < end) & (x >= thr)
-            if WRITE:
-                at = taken + tl.cumsum(keep.to(tl.int32), 0) - 1
-                dst = row.to(tl.int64) * CAP + at
-                tl.store(CS + dst, x, mask=keep & (at < CAP))
-                tl.store(CP + dst, s, mask=keep & (at < CAP))
-            taken += tl.sum(keep.to(tl.int32), 0)
-        if not WRITE:
-            tl.store(COUNTS + row.to(tl.int64) * NSEG + seg + tl.arange(0, 1), taken)
+            prefix = tl.zeros([1], tl.uint32)
+            pmask = tl.zeros([1], tl.uint32)
+            need = tl.full([1], TOPK, tl.int32)
+            for p in tl.static_range(4):
+                hist = _digit_histogram(scores, 0, count, prefix, pmask, p, BLOCK)
+                prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
+            zero = tl.zeros([1], tl.int32)
+            n_above = TOPK - need
+            _write_selected(scores, pos, 0, count, prefix, need, n_above, zero, zero, out, shift, True, BLOCK)
+
+
+def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
+    """``_index_scores`` over the queries of ``q``: dense fp32 rows ``dest [B, Tc, width]``, or with
+    ``candidates = (thr, pos, count)`` the candidate buffers ``dest``/``pos`` ``[B, Tc, cap]``."""
+    batch, rows, heads, dim = q.shape
+    gpu = q.device.type != "cpu"
+    block_h = triton.next_power_of_2(heads)
+    block_d = triton.next_power_of_2(dim)
+    if candidates is None:
+        thr = pos = count = dest
+        block_t, block_s = (32, 128) if gpu else (max(4, 16 // block_h), 16)
+        per_head, warps, stages, key_tiles = False, 8 if gpu else 4, 3, triton.cdiv(width, block_s)
+    else:
+        thr, pos, count = candidates
+        launch = CANDIDATE_LAUNCH if gpu else {"BLOCK_T": 16, "BLOCK_S": 16, "PER_HEAD": True, "num_warps": 4}
+        block_t, block_s, per_head = launch["BLOCK_T"], launch["BLOCK_S"], launch["PER_HEAD"]
+        warps, stages, key_tiles = launch["num_warps"], launch.get("num_stages", 3), 1
+        if not per_head:
+            block_t = max(1, block_t // block_h)
+    _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
+        q, k, w, lo, hi, thr, dest, pos, count,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+        dest.stride(0), dest.stride(1),
+        k0, rows, width, dim**-0.5, heads, dim,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
+        CANDIDATES=candidates is not None, PER_HEAD=per_head, **dot_flags(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
+    """Stage 1 of the candidate path: ``[B, Tc]`` fp32 thresholds (window positions ``lo``/``hi``)."""
+    batch, rows, heads, dim = q.shape
+    gpu = q.device.type != "cpu"
+    m = SAMPLE if gpu else 16
+    block_h = triton.next_power_of_2(heads)
+    thr = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
+    scratch = torch.empty(batch, rows, m, device=q.device, dtype=torch.float32)
+    block_t = 16
+    _sample_threshold[(triton.cdiv(rows, block_t), 1, batch)](
+        q, k, w, lo, hi, scratch, thr,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+        k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
+        M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
+        PER_HEAD=True, **dot_flags(q.dtype), num_warps=8 if gpu else 4,
+    )  # fmt: skip
+    return thr
+
+
+def score_candidates(q, k, w, lo, hi, k0, width, thr, topk):
+    """Stage 2: ``(scores, positions, counts)``, candidate buffers ``[B, Tc, cap]`` and counts ``[B, Tc]``."""
+    batch, rows = q.shape[:2]
+    cap = CANDIDATES_PER_TOPK * topk
+    cs = torch.empty(batch, rows, cap, device=q.device, dtype=torch.float32)
+    cp = torch.empty(batch, rows, cap, device=q.device, dtype=torch.int32)
+    count = torch.empty(batch, rows, device=q.device, dtype=torch.int32)
+    _launch_scores(q, k, w, lo, hi, k0, width, cs, (thr, cp, count))
+    return cs, cp, count
+
+
+def select_candidates(cs, cp, count, lo, hi, base, out) -> torch.Tensor:
+    """Stage 3: writes the settled rows into ``out``; returns the ``[B, Tc]`` flags of the others."""
+    batch, rows, cap = cs.shape
+    fail = torch.empty(batch, rows, device=cs.device, dtype=torch.int8)
+    _select_candidates[(batch * rows,)](
+        cs, cp, count, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2], cap,
+        BLOCK=1024 if cs.device.type != "cpu" else 16, num_warps=4,
+    )  # fmt: skip
+    return fail
 
 
 def topk_chunk(
@@ -262,85 +470,67 @@ def topk_chunk(
     out: torch.Tensor,  # [B, Tc, topk] int32 (may be a slice of a longer output)
     k0: int,  # first key any query of the chunk may see
     k1: int,  # one past the last
-    select: bool = True,  # False: scores only (the benchmark times the two stages apart)
-) -> None:
-    batch, rows, heads, dim = q.shape
-    topk = out.shape[2]
-    width = k1 - k0
-    gpu = q.device.type != "cpu"
-    scores = torch.empty(batch, rows, width, device=q.device, dtype=torch.float32)
+    candidates: bool = False,  # the candidate path (the caller then settles the flagged rows)
+) -> torch.Tensor | None:
+    """Top-k of one chunk of queries. Full path by default (no host sync); with ``candidates``, returns
+    the ``[B, Tc]`` int8 flags of rows left for ``settle_fallbacks``."""
     lo_w, hi_w = (lo - k0).to(torch.int32).contiguous(), (hi - k0).to(torch.int32).contiguous()
-    block_h = triton.next_power_of_2(heads)
-    block_t, block_s = (32, 128) if gpu else (max(4, 16 // block_h), 16)
-    block_d = min(64, triton.next_power_of_2(dim)) if gpu else triton.next_power_of_2(dim)
-    _index_scores[(triton.cdiv(rows, block_t), triton.cdiv(width, block_s), batch)](
-        q, k, w, scores, lo_w, hi_w,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        scores.stride(0), scores.stride(1),
-        k0, rows, width, dim**-0.5, heads, dim,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        **dot_flags(q.dtype), num_warps=8 if gpu else 4, num_stages=3,
-    )  # fmt: skip
-    if not select:
-        return
-    flat = batch * rows
-    dev = q.device
-    lo_f, hi_f, base_f = lo_w.view(-1), hi_w.view(-1), base.to(torch.int32).contiguous().view(-1)
-    scores2d = scores.view(flat, width)
-    visible = hi_f - lo_f + 1
-    if flat < CANDIDATE_MIN_ROWS:  # a few rows (decoding): fewer launches beat fewer passes
-        _radix_select(scores2d, None, lo_f, hi_f, base_f, torch.ones_like(visible), out, rows, k0, topk, gpu)
-        return
-    _radix_select(scores2d, None, lo_f, hi_f, base_f, visible <= topk, out, rows, k0, topk, gpu, search=False)
-    # Candidates: keys at or above a threshold sampled from the row (about 2 * topk of them), compacted
-    # in key order; the exact radix select then runs on them alone. Rows whose sample misjudged the
-    # threshold (fewer than topk or more than cap candidates) take the full radix select instead.
-    cap = CANDIDATES_PER_TOPK * topk
-    seg = 4096 if gpu else 32
-    nseg = triton.cdiv(width, seg)
-    block = 1024 if gpu else 16
-    thr = torch.empty(flat, device=dev, dtype=torch.float32)
-    _sample_threshold[(flat,)](scores2d, lo_f, hi_f, thr, width, topk, M=SAMPLE if gpu else 16, num_warps=4)
-    counts = torch.zeros(flat, nseg, device=dev, dtype=torch.int32)
-    cs = torch.empty(flat, cap, device=dev, dtype=torch.float32)
-    cp = torch.empty(flat, cap, device=dev, dtype=torch.int32)
-    args = (scores2d, lo_f, hi_f, thr, counts)
-    _candidates[(flat, nseg)](*args, counts, cs, cp, width, cap, topk, seg, nseg, WRITE=False, BLOCK=block)
-    offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
-    total = counts.sum(1, dtype=torch.int32)
-    ok = (visible > topk) & (total >= topk) & (total <= cap)
-    _candidates[(flat, nseg)](*args, offsets, cs, cp, width, cap, topk, seg, nseg, WRITE=True, BLOCK=block)
-    zero = torch.zeros_like(lo_f)
-    _radix_select(cs, cp, zero, torch.where(ok, total - 1, -1), base_f, ok, out, rows, k0, topk, gpu)
-    fallback = (visible > topk) & ~ok
-    if bool(fallback.any()):
-        hi_fb = torch.where(fallback, hi_f, lo_f - 1)
-        _radix_select(scores2d, None, lo_f, hi_fb, base_f, fallback, out, rows, k0, topk, gpu)
+    base = base.to(torch.int32).contiguous()
+    topk = out.shape[2]
+    if candidates:
+        thr = sample_thresholds(q, k, w, lo_w, hi_w, k0, k1 - k0, topk)
+        cs, cp, count = score_candidates(q, k, w, lo_w, hi_w, k0, k1 - k0, thr, topk)
+        return select_candidates(cs, cp, count, lo_w, hi_w, base - k0, out)
+    scores = torch.empty(q.shape[0], q.shape[1], k1 - k0, device=q.device, dtype=torch.float32)
+    _launch_scores(q, k, w, lo_w, hi_w, k0, k1 - k0, scores)
+    _radix_select(scores.view(-1, k1 - k0), lo_w.view(-1), hi_w.view(-1), base.view(-1), out, q.shape[1], k0)
+    return None
 
 
-def _radix_select(scores, pos, lo, hi, base, active, out, rows, k0, topk, gpu, search=True) -> None:
-    """Exact radix top-k of each ``active`` row of ``scores [N, W]`` over ``[lo, hi]`` into ``out``;
-    ``pos`` (same shape) maps candidate entries to key positions. ``search=False``: the active rows all
-    see at most ``topk`` keys, so only the write runs."""
+def settle_fallbacks(q, k, w, lo, hi, base, out, fail) -> None:
+    """Reruns the rows flagged by the candidate path (``fail [B, T]``) on the full path (host sync)."""
+    flagged = fail.nonzero()
+    if flagged.numel() == 0:
+        return
+    for b in flagged[:, 0].unique().tolist():
+        rows = flagged[flagged[:, 0] == b, 1]
+        step = chunk_rows(1, k.shape[1], len(rows), out.shape[2], full=True)
+        for r0 in range(0, rows.numel(), step):
+            r = rows[r0 : r0 + step]
+            lo_r, hi_r = lo[b, r][None], hi[b, r][None]
+            k0, k1 = int(lo_r.min()), int(hi_r.max()) + 1
+            got = torch.empty(1, r.numel(), out.shape[2], dtype=torch.int32, device=out.device)
+            qr, kr, wr = q[b : b + 1, r], k[b : b + 1], w[b : b + 1, r]
+            topk_chunk(qr, kr, wr, lo_r, hi_r, base[b, r][None], got, k0, k1)
+            out[b, r] = got[0]
+
+
+def _radix_select(scores, lo, hi, base, out, rows, k0) -> None:
+    """Exact radix top-k of each row of ``scores [N, W]`` over ``[lo, hi]`` into ``out``."""
     flat, width = scores.shape
+    topk = out.shape[2]
+    gpu = scores.device.type != "cpu"
     block = 1024 if gpu else 16
     seg = (4096 if flat >= 512 else 1024) if gpu else 32  # few rows: more, shorter segments
     nseg = max(triton.cdiv(width, seg), triton.cdiv(topk, seg))
     hist = torch.zeros(flat, 4, 256, device=scores.device, dtype=torch.int32)
     counts = torch.zeros(flat, nseg, 2, device=scores.device, dtype=torch.int32)
     grid = (flat, nseg)
-    for p in range(4 if search else 0):
+    for p in range(4):
         _radix_hist[grid](scores, lo, hi, hist, width, topk, seg, PASS=p, BLOCK=block, num_warps=4)
-    if search:
-        _radix_count[grid](scores, lo, hi, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=4)
+    _radix_count[grid](scores, lo, hi, hist, counts, width, topk, seg, nseg, BLOCK=block, num_warps=4)
     offsets = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
     _radix_write[grid](
-        scores, scores if pos is None else pos, active.to(torch.int8).contiguous(), lo, hi, base, hist,
-        offsets, out, width, out.stride(0), out.stride(1), rows, k0, topk, seg, nseg, HAS_POS=pos is not None,
-        BLOCK=block, num_warps=4,
+        scores, lo, hi, base, hist, offsets, out, width, out.stride(0), out.stride(1), rows, k0, topk, seg,
+        nseg, BLOCK=block, num_warps=4,
     )  # fmt: skip
 
 
-def chunk_rows(batch: int, width: int) -> int:
-    """Queries per chunk so that one chunk's fp32 scores stay near ``SCORE_BYTES_PER_CHUNK``."""
+def chunk_rows(batch: int, width: int, q_len: int, topk: int, full: bool = False) -> int:
+    """Queries per chunk: the candidate path's buffers stay near ``CANDIDATE_BYTES_PER_CHUNK`` when a
+    chunk can have ``CANDIDATE_MIN_ROWS`` rows (and not ``full``), else the full path's fp32 scores near
+    ``SCORE_BYTES_PER_CHUNK``."""
+    cand = max(16, CANDIDATE_BYTES_PER_CHUNK // (8 * batch * CANDIDATES_PER_TOPK * topk))
+    if not full and batch * min(cand, q_len) >= CANDIDATE_MIN_ROWS:
+        return cand
     return max(16, min(4096, SCORE_BYTES_PER_CHUNK // (4 * batch * max(width, 1))))
