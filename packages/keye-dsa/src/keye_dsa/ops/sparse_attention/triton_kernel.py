@@ -16,6 +16,9 @@ rows, so tokens cannot share an MMA operand unless their index sets coincide.
 
 Backward recomputes the probabilities from the saved log-sum-exp, writes dQ directly, and scatters dK
 and dV into fp32 buffers with atomic adds (an index may be selected by many queries).
+
+Given a ``UnionPlan`` (``union.py``), the tokens of blocks that the union kernel computes
+(``union_kernel.py``: overlapping selections, each shared row loaded once per block) are skipped here.
 """
 
 from __future__ import annotations

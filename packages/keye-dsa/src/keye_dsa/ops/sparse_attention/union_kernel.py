@@ -3,11 +3,11 @@
 Used for the query blocks whose ``UnionPlan`` says so (``union.py``); the per-query kernel
 (``triton_kernel.py``) computes the others. One program takes one block of 64 queries, one KV group and
 a slice of ``QS`` of the block's queries: its MMA rows are those queries' ``G`` heads, query-major
-(``QS * G`` = 128 rows for Qwen3's G = 8). It walks the block's union ``U_b`` in tiles of ``BLOCK_U``
-rows, gathers each K/V row once (one contiguous ``D``-element read), computes ``S = Q K^T`` for all its
-rows at once and masks each score by the membership bit of the row's query. Shared rows are thus loaded
-once per block and slice instead of once per query, and the work becomes dense tensor-core tiles:
-queries that did not select a row only cost masked MMA lanes.
+(``QS * G`` about the launch table's ``ROWS``: 64 forward, 128 backward). It walks the block's union
+``U_b`` in tiles of ``BLOCK_U`` rows, gathers each K/V row once (one contiguous ``D``-element read),
+computes ``S = Q K^T`` for all its rows at once and masks each score by the membership bit of the row's
+query. Shared rows are thus loaded once per block and slice instead of once per query, and the work
+becomes dense tensor-core tiles: queries that did not select a row only cost masked MMA lanes.
 
 Backward recomputes the probabilities from the saved log-sum-exp, accumulates dQ in the program and
 adds each union row's dK/dV for all the program's rows with one fp32 atomic per element (the per-query
@@ -151,9 +151,10 @@ def _union_bwd(
              (dq * scale).to(DQ.dtype.element_ty), mask=tile)  # fmt: skip
 
 
-# Launch settings (the benchmark sweeps them): ROWS, the target MMA rows per program (queries of the
-# slice x heads of the group); BLOCK_U, the union rows per step.
-FWD_LAUNCH = {"ROWS": 128, "BLOCK_U": 64, "num_warps": 8, "num_stages": 2}
+# Launch settings (bench_union.py --sweep): ROWS, the target MMA rows per program (queries of the slice x
+# heads of the group); BLOCK_U, the union rows per step. Defaults: the sweep's fastest at 32K on an H200
+# (BENCHMARKS.md).
+FWD_LAUNCH = {"ROWS": 64, "BLOCK_U": 64, "num_warps": 4, "num_stages": 2}
 BWD_LAUNCH = {"ROWS": 128, "BLOCK_U": 64, "num_warps": 8, "num_stages": 1}
 
 
