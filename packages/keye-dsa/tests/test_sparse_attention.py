@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from keye_dsa import sparse_attention, sparse_attention_varlen
+from keye_dsa.ops.sparse_attention import triton_kernel
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
 from keye_dsa.ops.sparse_attention.triton_kernel import pack_size
 from keye_dsa.testing import TOL, rel_err
@@ -17,6 +18,7 @@ SHAPES = [
     (1, 3, 6, 32, 2, 16, 4),
     (2, 9, 9, 16, 1, 32, 70),
     (1, 4, 10, 6, 2, 16, 3),
+    (1, 3, 100, 8, 2, 16, 75),  # 3 slot splits of 32 when decoding-like
 ]
 
 
@@ -31,9 +33,13 @@ def _inputs(shape, dtype, seed):
     return q, kk, v, idx
 
 
+@pytest.mark.parametrize("min_programs", [1, 10**6], ids=["one-program-per-token", "split-slots"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_matches_reference_forward_backward(force_impl, shape, dtype):
+def test_triton_matches_reference_forward_backward(force_impl, monkeypatch, shape, dtype, min_programs):
+    """``min_programs`` 10**6: each token's slots are split over as many programs as there are BLOCK_N
+    steps (the decoding layout), then merged by their log-sum-exps."""
+    monkeypatch.setattr(triton_kernel, "MIN_PROGRAMS", min_programs)
     q, k, v, idx = _inputs(shape, dtype, seed=hash((shape, str(dtype))) % 1000)
     for x in (q, k, v):
         x.requires_grad_(True)

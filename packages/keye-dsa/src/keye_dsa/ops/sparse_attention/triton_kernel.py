@@ -84,11 +84,16 @@ def _skipped(SKIP, b, t, NB, KTOP, row_ok, diag):
 def _sparse_fwd(
     Q, K, V, IDX, O, LSE, SKIP,
     sqb, sqt, sqh, skb, sks, skh, svb, svs, svh, sib, sit, sob, sot, soh, slb, slt,
-    scale, KTOP, D, NB,
+    scale, KTOP, CHUNK, D, NB,
     G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    """Program (t * SPLITS + split, pack, b) attends to slots [split * CHUNK, split * CHUNK + CHUNK) of
+    token t; its O and LSE go to row ``t * SPLITS + split`` of ``O``/``LSE`` (with SPLITS > 1, fp32
+    partials that ``_merge_splits`` combines)."""
+    t_out = tl.program_id(0)
+    t = t_out // SPLITS
     g0 = tl.program_id(1) * P
     b = tl.program_id(2).to(tl.int64)
     rows, row_ok, col_group, col_dim, col_ok, diag = _tile_layout(G, P, D, BLOCK_M, BLOCK_D)
@@ -101,7 +106,8 @@ def _sparse_fwd(
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, P * BLOCK_D], tl.float32)
-    for n0 in range(0, KTOP, BLOCK_N):
+    first = (t_out % SPLITS) * CHUNK
+    for n0 in range(first, tl.minimum(first + CHUNK, KTOP), BLOCK_N):
         _, ok, _, kt, vt = _gather_kv(
             K, V, IDX, b, t, n0, KTOP, sib, sit, skb, sks, skh, svb, svs, svh,
             kv_col, col_dim, col_ok, BLOCK_N,
@@ -117,10 +123,10 @@ def _sparse_fwd(
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]
     tl.store(
-        O + b * sob + t * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag
+        O + b * sob + t_out * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag
     )
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
-    tl.store(LSE + b * slb + t * slt + h, lse, mask=row_ok)
+    tl.store(LSE + b * slb + t_out * slt + h, lse, mask=row_ok)
 
 
 @triton.jit
@@ -187,25 +193,53 @@ def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
     return groups, p, block_d, block_m, block_n
 
 
+# Fewer programs than this (decoding: a few tokens) split each token's slots over several programs.
+MIN_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+
+
+def split_count(programs: int, ktop: int, block_n: int) -> int:
+    """Programs per token: enough to reach ``MIN_PROGRAMS``, each keeping at least one BLOCK_N step."""
+    if programs >= MIN_PROGRAMS:
+        return 1
+    return max(1, min(triton.cdiv(ktop, block_n), MIN_PROGRAMS // programs))
+
+
+def _merge_splits(o_part, lse_part, splits, out_dtype):
+    """Combines per-split results ``[B, T*splits, H(, D)]`` with their log-sum-exps, flash-decoding style."""
+    batch, rows, hq, d = o_part.shape
+    o_part = o_part.view(batch, rows // splits, splits, hq, d)
+    lse_part = lse_part.view(batch, rows // splits, splits, hq)
+    lse = torch.logsumexp(lse_part, 2)
+    weight = torch.exp(lse_part - lse[:, :, None]).nan_to_num(0.0)  # all-empty token: -inf - -inf
+    return (weight[..., None] * o_part).sum(2).to(out_dtype), lse
+
+
 def sparse_attention_fwd(q, k, v, indices, scale, plan: UnionPlan | None = None):
     """With a union ``plan``, its blocks go to the union kernel and the rest to this one."""
     batch, t, hq, d = q.shape
     hkv = k.shape[2]
     groups, p, block_d, block_m, block_n = _config(q, k, FWD_LAUNCH)
-    o = torch.empty_like(q)
-    lse = torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
     if t == 0:
-        return o, lse
-    grid = (t, hkv // p, batch)
+        return torch.empty_like(q), torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
+    ktop = indices.shape[2]
+    splits = 1 if plan is not None else split_count(t * (hkv // p) * batch, ktop, block_n)
+    chunk = triton.cdiv(triton.cdiv(ktop, splits), block_n) * block_n
+    rows = t * splits
+    o = torch.empty_like(q) if splits == 1 else q.new_empty(batch, rows, hq, d, dtype=torch.float32)
+    lse = torch.empty(batch, rows, hq, device=q.device, dtype=torch.float32)
+    grid = (rows, hkv // p, batch)
     _sparse_fwd[grid](
         q, k, v, indices, o, lse, None if plan is None else plan.use,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), indices.stride(0), indices.stride(1),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        scale, indices.shape[2], d, triton.cdiv(t, QB),
+        scale, ktop, chunk, d, triton.cdiv(t, QB),
         G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, HAS_SKIP=plan is not None,
-        **dot_flags(q.dtype), num_warps=FWD_LAUNCH["num_warps"], num_stages=FWD_LAUNCH["num_stages"],
+        SPLITS=splits, **dot_flags(q.dtype), num_warps=FWD_LAUNCH["num_warps"],
+        num_stages=FWD_LAUNCH["num_stages"],
     )  # fmt: skip
+    if splits > 1:
+        return _merge_splits(o, lse, splits, q.dtype)
     if plan is not None:
         union_attention_fwd(q, k, v, plan, o, lse, scale)
     return o, lse
