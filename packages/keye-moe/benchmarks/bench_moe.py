@@ -362,6 +362,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script on the CPU")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_moe.json"))
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="skip the checks and the MoE block")
     args = parser.parse_args()
     ensure_plugins()
     quick = args.quick or not CUDA
@@ -401,7 +402,8 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
 
-    moe_block_bench(t, h, e, k, i, dtype, blocks, checks)
+    if not args.decode_only:
+        moe_block_bench(t, h, e, k, i, dtype, blocks, checks)
     save()
     print(f"[{time.perf_counter() - t0:.0f}s] MoE block done", flush=True)
     if not args.skip_decode:
