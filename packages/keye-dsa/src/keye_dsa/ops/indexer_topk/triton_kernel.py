@@ -411,7 +411,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     if candidates is None:
         thr = pos = count = dest
         block_t, block_s = (32, 128) if gpu else (max(4, 16 // block_h), 16)
-        layout, warps, stages, key_tiles = QUERY_MAJOR, 8 if gpu else 4, 3, triton.cdiv(width, block_s)
+        layout, warps, stages, key_tiles = QUERY_MAJOR, 8 if gpu else 4, 2, triton.cdiv(width, block_s)
     else:
         thr, pos, count = candidates
         launch = CANDIDATE_LAUNCH if gpu else dict(CANDIDATE_LAUNCH, BLOCK_T=4, BLOCK_S=16, num_warps=4)
