@@ -67,11 +67,9 @@ def test_kernel_selects_the_exact_topk(force_impl, monkeypatch, b, t, s, h, d, t
         assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
 
 
-@pytest.mark.parametrize("layout", [0, 1, 2])  # PER_HEAD, QUERY_MAJOR, HEAD_MAJOR
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(monkeypatch, dtype, layout):
+def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(dtype):
     """The candidate scoring kernel against the reference scores filtered by the same thresholds."""
-    monkeypatch.setitem(triton_kernel.CANDIDATE_LAUNCH, "LAYOUT", layout)
     b, t, s, h, d, topk = 2, 21, 37, 3, 24, 3
     q, k, w = _inputs(b, t, s, h, d, dtype, seed=5)
     lo = torch.tensor([[0], [4]], dtype=torch.int32, device=DEVICE).expand(b, t).contiguous()

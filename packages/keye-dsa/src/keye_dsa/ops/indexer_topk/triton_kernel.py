@@ -45,22 +45,25 @@ CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 # Launch settings of the candidate scoring kernel (BLOCK_T queries x BLOCK_S keys per step).
-PER_HEAD, QUERY_MAJOR, HEAD_MAJOR = 0, 1, 2  # how a program's query heads meet a key tile (``LAYOUT``)
-CANDIDATE_LAUNCH = {"BLOCK_T": 32, "BLOCK_S": 128, "LAYOUT": QUERY_MAJOR, "num_warps": 8, "num_stages": 3}
+# Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
+# step), the fastest of eight in the H200 sweep of BENCHMARKS.md; 32-bit inputs take smaller tiles.
+CANDIDATE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 128, "num_warps": 8, "num_stages": 2}
+CANDIDATE_LAUNCH_FP32 = {"BLOCK_T": 32, "BLOCK_S": 64, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
 def _gated_scores(
     Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    LAYOUT: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``[BLOCK_T, BLOCK_S]`` scores of queries ``t`` against the key tile ``kt [BLOCK_D, BLOCK_S]``.
 
-    ``PER_HEAD``: one dot per head (its queries' rows of ``Q`` and gates of ``W``), summed in place.
-    Otherwise ``q [BLOCK_T * BLOCK_H, BLOCK_D]`` stacks every head's rows (``_stacked_queries``) into
-    one dot and the heads are summed after a reshape (``wr``: the matching gates)."""
-    if LAYOUT == 0:
+    ``PER_HEAD``: one dot per head (its queries' rows of ``Q`` and gates of ``W``), summed in place:
+    the candidate kernel's way, 2x faster there than stacking on the H200. Otherwise ``q [BLOCK_T *
+    BLOCK_H, BLOCK_D]`` stacks every head's rows (``_stacked_queries``) into one dot, for blocks of few
+    queries (decoding, the sample), and the heads are summed after a reshape (``wr``: their gates)."""
+    if PER_HEAD:
         d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
         for h in tl.static_range(BLOCK_H):
@@ -72,28 +75,20 @@ def _gated_scores(
             )
             wh = tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32)
             acc += tl.maximum(mma(qh, kt, PRECISE, UPCAST), 0.0) * wh[:, None]
-    elif LAYOUT == 1:
-        gated = tl.maximum(mma(q, kt, PRECISE, UPCAST), 0.0) * wr[:, None]
-        acc = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1)
     else:
         gated = tl.maximum(mma(q, kt, PRECISE, UPCAST), 0.0) * wr[:, None]
-        acc = tl.sum(tl.reshape(gated, [BLOCK_H, BLOCK_T, BLOCK_S]), 0)
+        acc = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1)
     return acc * scale
 
 
 @triton.jit
 def _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D,
-                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                     LAYOUT: tl.constexpr):  # fmt: skip
-    """The block's queries as ``[BLOCK_T * BLOCK_H, BLOCK_D]`` rows and their gates: row ``t * BLOCK_H +
-    h`` (``QUERY_MAJOR``) or ``h * BLOCK_T + t`` (``HEAD_MAJOR``)."""
+                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The block's queries as ``[BLOCK_T * BLOCK_H, BLOCK_D]`` rows (row ``t * BLOCK_H + h``) and
+    their gates."""
     r = tl.arange(0, BLOCK_T * BLOCK_H)
-    if LAYOUT == 2:
-        rt = pid_t * BLOCK_T + r % BLOCK_T
-        rh = r // BLOCK_T
-    else:
-        rt = pid_t * BLOCK_T + r // BLOCK_H
-        rh = r % BLOCK_H
+    rt = pid_t * BLOCK_T + r // BLOCK_H
+    rh = r % BLOCK_H
     r_ok = (rt < n_rows) & (rh < H)
     d = tl.arange(0, BLOCK_D)
     q = tl.load(
@@ -111,7 +106,7 @@ def _index_scores(
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    CANDIDATES: tl.constexpr, LAYOUT: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
@@ -139,11 +134,11 @@ def _index_scores(
     else:
         start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
         stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
-    if LAYOUT == 0:
+    if PER_HEAD:
         q = 0.0
         wr = 0.0
     else:
-        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D, LAYOUT)
+        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
     for s0 in range(start, stop, BLOCK_S):
         s_loc = s0 + tl.arange(0, BLOCK_S)
@@ -154,7 +149,7 @@ def _index_scores(
         )
         score = _gated_scores(
             Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, LAYOUT, PRECISE, UPCAST,
+            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
         )  # fmt: skip
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
@@ -197,7 +192,7 @@ def _sample_threshold(
     sqb, sqt, sqh, skb, sks, swb, swt,
     k0, n_rows, width, scale, H, D, RANK,
     M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, LAYOUT: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
     (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
@@ -211,11 +206,11 @@ def _sample_threshold(
     t_ok = t < n_rows
     hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
     lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=0)
-    if LAYOUT == 0:
+    if PER_HEAD:
         q = 0.0
         wr = 0.0
     else:
-        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D, LAYOUT)
+        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
     rows = SMP + (b * n_rows + t[:, None]) * M
     for j0 in range(0, M, BLOCK_S):
@@ -224,7 +219,7 @@ def _sample_threshold(
         kt = tl.load(K + (k0 + p[None, :]).to(tl.int64) * sks + d[:, None], mask=d[:, None] < D, other=0.0)
         score = _gated_scores(
             Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, LAYOUT, PRECISE, UPCAST,
+            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
         )  # fmt: skip
         visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
         tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
@@ -408,14 +403,17 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     gpu = q.device.type != "cpu"
     block_h = triton.next_power_of_2(heads)
     block_d = triton.next_power_of_2(dim)
+    wide = q.element_size() > 2  # 32-bit tiles: half the tile in the same shared memory
     if candidates is None:
         thr = pos = count = dest
-        block_t, block_s = (32, 128) if gpu else (max(4, 16 // block_h), 16)
-        layout, warps, stages, key_tiles = QUERY_MAJOR, 8 if gpu else 4, 2, triton.cdiv(width, block_s)
+        block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
+        warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
     else:
         thr, pos, count = candidates
-        launch = CANDIDATE_LAUNCH if gpu else dict(CANDIDATE_LAUNCH, BLOCK_T=4, BLOCK_S=16, num_warps=4)
-        block_t, block_s, layout = launch["BLOCK_T"], launch["BLOCK_S"], launch["LAYOUT"]
+        launch = CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH
+        if not gpu:
+            launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
+        block_t, block_s = launch["BLOCK_T"], launch["BLOCK_S"]
         warps, stages, key_tiles = launch["num_warps"], launch["num_stages"], 1
     _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
         q, k, w, lo, hi, thr, dest, pos, count,
@@ -423,7 +421,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         dest.stride(0), dest.stride(1),
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        CANDIDATES=candidates is not None, LAYOUT=layout, **dot_flags(q.dtype),
+        CANDIDATES=candidates is not None, PER_HEAD=candidates is not None, **dot_flags(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -442,7 +440,7 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
         M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
-        LAYOUT=QUERY_MAJOR, **dot_flags(q.dtype), num_warps=8 if gpu else 4,
+        PER_HEAD=False, **dot_flags(q.dtype), num_warps=8 if gpu else 4,
     )  # fmt: skip
     return thr
 
