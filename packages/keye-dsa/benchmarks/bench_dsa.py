@@ -14,7 +14,8 @@ Counting (written into the JSON too):
 - sparse attention backward bytes: K and V gathered again, dK and dV accumulated as fp32 atomics per
   gathered row (counted as 4 + 4 bytes per element), Q, O, dO and dQ once.
 - dense causal attention FLOPs: 2 * T^2 * Hq * D forward, 2.5x that for the backward.
-- indexer FLOPs: T^2 / 2 * H_I * D_I * 2; bytes: fp32 scores written once and read by 5 select passes.
+- indexer FLOPs: T^2 / 2 * H_I * D_I * 2 (the candidate path writes no score matrix: only about
+  2 * topk (score, position) pairs per query).
 """
 
 from __future__ import annotations
@@ -237,9 +238,8 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
     peer_fb = dense.get(("cudnn", True)) or dense.get(("flash", True)) or dense.get(("math", True))
     sel_ms = timed(lambda: select_topk(qi, ki, w, topk), reps)
     idx_flops = t * t / 2 * h_i * d_i * 2
-    idx_bytes = t * t / 2 * 4 * 6
     add("indexer + top-k", t, sel_ms, vs_dense_cudnn_fwd=sel_ms / peer_f if peer_f else float("nan"),
-        TFLOPs=idx_flops / sel_ms / 1e9, TBps=idx_bytes / sel_ms / 1e9)  # fmt: skip
+        TFLOPs=idx_flops / sel_ms / 1e9)  # fmt: skip
     save(path)
     if dev == "cuda":
         stage_breakdown(qi, ki, w, topk, t, reps)
@@ -293,18 +293,25 @@ def kl_timings(q, k, qi, ki, w, topk, t, reps) -> None:
 
 
 def stage_breakdown(qi, ki, w, topk, t, reps) -> None:
-    """Times the last (longest) query chunk of ``select_topk`` with and without the radix select."""
-    from keye_dsa.ops.indexer_topk.triton_kernel import chunk_rows, topk_chunk
+    """Times the three stages of ``select_topk``'s candidate path on its last (longest) query chunk."""
+    from keye_dsa.ops.indexer_topk import triton_kernel as tk
 
-    rows = min(t, chunk_rows(1, t))
+    rows = min(t, tk.chunk_rows(1, t, t, topk))
     c0 = t - rows
+    q, ww = qi[:, c0:].contiguous(), w[:, c0:].contiguous()
     out = torch.empty(1, rows, topk, dtype=torch.int32, device=qi.device)
     lo = torch.zeros(1, rows, dtype=torch.int32, device=qi.device)
     hi = torch.arange(c0, t, dtype=torch.int32, device=qi.device)[None]
-    args = (qi[:, c0:], ki, w[:, c0:], lo, hi, lo, out, 0, t)
-    full = timed(lambda: topk_chunk(*args), reps)
-    scores = timed(lambda: topk_chunk(*args, select=False), reps)
-    add("last chunk: scores + select", t, full, rows=rows, score_ms=scores, select_ms=full - scores)
+    sample_ms = timed(lambda: tk.sample_thresholds(q, ki, ww, lo, hi, 0, t, topk), reps)
+    thr = tk.sample_thresholds(q, ki, ww, lo, hi, 0, t, topk)
+    score_ms = timed(lambda: tk.score_candidates(q, ki, ww, lo, hi, 0, t, thr, topk), reps)
+    cand = tk.score_candidates(q, ki, ww, lo, hi, 0, t, thr, topk)
+    select_ms = timed(lambda: tk.select_candidates(*cand, lo, hi, lo, out), reps)
+    flagged = int(tk.select_candidates(*cand, lo, hi, lo, out).sum())
+    flops = rows * (c0 + (rows + 1) / 2) * qi.shape[2] * qi.shape[3] * 2  # visible (query, key) pairs
+    add("last chunk: sample + score/filter + select", t, sample_ms + score_ms + select_ms, rows=rows,
+        sample_ms=sample_ms, score_ms=score_ms, score_TFLOPs=flops / score_ms / 1e9, select_ms=select_ms,
+        mean_candidates=cand[2].float().mean().item(), flagged_rows=flagged)  # fmt: skip
 
 
 def graphed(fn):
