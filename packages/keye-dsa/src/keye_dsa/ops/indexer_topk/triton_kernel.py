@@ -44,7 +44,6 @@ CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows take the full path
 CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
-# Launch settings of the candidate scoring kernel (BLOCK_T queries x BLOCK_S keys per step).
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest of eight in the H200 sweep of BENCHMARKS.md; 32-bit inputs take smaller tiles.
 CANDIDATE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 128, "num_warps": 8, "num_stages": 2}
@@ -111,8 +110,8 @@ def _index_scores(
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
     window position) pairs at or above ``THR`` to row buffers ``S``/``POS`` (``sst`` entries each),
-    counts in ``COUNT``. Otherwise
-    writes key tile ``program_id(1)`` of the fp32 score rows ``S`` (``-inf`` where not visible)."""
+    counts in ``COUNT``. Otherwise writes key tile ``program_id(1)`` of the fp32 score rows ``S``
+    (``-inf`` where not visible)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
