@@ -364,6 +364,10 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     want = select_topk(qi, ki[:, :s], w, topk)
     record_check("decode: select_topk_decode == select_topk (same index sets)", float(
         not torch.equal(idx.sort(-1).values, want.sort(-1).values)), 0.5)  # fmt: skip
+    ref = indexer_scores_reference(qi, ki[:, :s], w)  # fp32 scores of the bf16 inputs
+    picked = torch.gather(ref, 2, idx.long().clamp_min(0)).sort(-1).values
+    record_check("decode: selected scores vs reference top-k", rel_err(picked, ref.topk(topk, -1).values.sort(
+        -1).values), 1e-3)  # fmt: skip
     record_check("decode: sparse output vs reference", rel_err(sparse(), sparse_attention_reference(
         q, k, v, idx, d**-0.5)[0]), 1e-2)  # fmt: skip
     label = f"decode (batch {b}, {s // 1024}K cache)"

@@ -406,6 +406,9 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     if candidates is None:
         thr = pos = count = dest
         block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
+        # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
+        # worth keeps registers and shared memory small, so more key tiles are in flight.
+        block_t = min(block_t, max(16 // block_h, triton.next_power_of_2(rows)))
         warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
     else:
         thr, pos, count = candidates
