@@ -9,9 +9,11 @@ instead of once per query. It needs, per block ``b``:
 - ``M_b[u]``: a 64-bit membership mask, bit ``j`` set when query ``j`` of the block selected ``U_b[u]``.
 
 Three passes build it. ``_mark``: every index sets its bit in a per-block bitmap over key positions
-(``atomic_or``). ``_scan``: per block, popcounts and a prefix sum over the bitmap words give each word's
-first rank, ``|U_b|``, and ``U_b`` itself (ascending by construction). ``_rank``: each index's rank is its
-word's first rank plus the set bits below it; the query's bit is ``atomic_or``-ed into ``M_b[rank]``.
+(``atomic_or``); the first ``PROBE`` queries of each block go first, and a block whose probe union already
+exceeds the cap is not marked further (random selections: 1/8 of the atomics). ``_scan``: per block,
+popcounts and a prefix sum over the bitmap words give each word's first rank, ``|U_b|``, and ``U_b``
+itself (ascending by construction). ``_rank``: each index's rank is its word's first rank plus the set
+bits below it; the query's bit is ``atomic_or``-ed into ``M_b[rank]``.
 
 Blocks where the union would not pay off fall back to the per-query kernel (``use[b] = False``):
 ``|U_b| > cap`` (random indices give tens of thousands), or an index repeated within one query: the
@@ -35,12 +37,14 @@ import triton.language as tl
 QB = 64  # queries per block: one bit each in the 64-bit membership mask
 QB_JIT = tl.constexpr(QB)  # the same, for @triton.jit code (which reads only constexpr globals)
 UNION_CAP = 4096  # largest |U_b| taken by the union kernel (structured top-2048: about 2600)
+PROBE = 8  # queries per block marked first: a union already over the cap stops the block's marking
 
 
 @dataclass
 class UnionPlan:
     """``keys [B*NB, cap]`` int32 (``U_b``, valid below ``count``), ``members [B*NB, cap]`` int64 (``M_b``),
-    ``count [B*NB]`` int32, ``use [B*NB]`` bool (block computed by the union kernel), ``blocks`` = NB."""
+    ``count [B*NB]`` int32 (``|U_b|`` when it fits the cap, else some number above the cap),
+    ``use [B*NB]`` bool (block computed by the union kernel), ``blocks`` = NB."""
 
     keys: torch.Tensor
     members: torch.Tensor
@@ -63,11 +67,18 @@ def _popcount(x):
 
 
 @triton.jit
-def _mark(IDX, BITMAP, sib, sit, KTOP, NB, W, QB: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mark(IDX, BITMAP, COUNT, sib, sit, KTOP, NB, W, CAP, Q_LO, Q_HI, QB: tl.constexpr, BLOCK_K: tl.constexpr,
+          AFTER_PROBE: tl.constexpr):  # fmt: skip
+    """Sets the bits of the indices of queries ``Q_LO <= t % QB < Q_HI``; ``AFTER_PROBE``: only in blocks
+    whose probe union (``COUNT``) still fits the cap."""
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    base = BITMAP + (b * NB + t // QB) * W
-    for k0 in range(0, KTOP, BLOCK_K):
+    blk = b * NB + t // QB
+    todo = (t % QB >= Q_LO) & (t % QB < Q_HI)
+    if AFTER_PROBE:
+        todo = todo & (tl.load(COUNT + blk) <= CAP)
+    base = BITMAP + blk * W
+    for k0 in range(0, tl.where(todo, KTOP, 0), BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         idx = tl.load(IDX + b * sib + t * sit + offs, mask=offs < KTOP, other=-1)
         ok = idx >= 0
@@ -135,7 +146,12 @@ def build_union_plan(indices: torch.Tensor, num_keys: int, cap: int | None = Non
     if t > 0 and ktop > 0:
         block_k = min(1024, triton.next_power_of_2(ktop))
         si = (indices.stride(0), indices.stride(1))
-        _mark[(t, batch)](indices, bitmap, *si, ktop, nb, words, QB=QB, BLOCK_K=block_k)
+        marks = (indices, bitmap, count, *si, ktop, nb, words, cap)
+        # Probe: the union of a block's first PROBE queries; when it already exceeds the cap (random
+        # selections), the block's other queries are never marked.
+        _mark[(t, batch)](*marks, 0, PROBE, QB=QB, BLOCK_K=block_k, AFTER_PROBE=False)
+        _scan[(batch * nb,)](bitmap, wrank, keys, count, words, cap, BLOCK_W=128)
+        _mark[(t, batch)](*marks, PROBE, QB, QB=QB, BLOCK_K=block_k, AFTER_PROBE=True)
         _scan[(batch * nb,)](bitmap, wrank, keys, count, words, cap, BLOCK_W=128)
         _rank[(t, batch)](
             indices, bitmap, wrank, count, members, repeat, *si, ktop, nb, words, cap, QB=QB, BLOCK_K=block_k
