@@ -54,7 +54,7 @@ CANDIDATE_LAUNCH_FP32 = {"BLOCK_T": 32, "BLOCK_S": 64, "num_warps": 4, "num_stag
 def _gated_scores(
     Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, HOIST: tl.constexpr = False,
 ):  # fmt: skip
     """``[BLOCK_T, BLOCK_S]`` scores of queries ``t`` against the key tile ``kt [BLOCK_D, BLOCK_S]``.
 
@@ -66,13 +66,17 @@ def _gated_scores(
         d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
         for h in tl.static_range(BLOCK_H):
-            h_ok = t_ok & (h < H)
-            qh = tl.load(
-                Q + t[:, None].to(tl.int64) * sqt + h * sqh + d[None, :],
-                mask=h_ok[:, None] & (d[None, :] < D),
-                other=0.0,
-            )
-            wh = tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32)
+            if HOIST:
+                qh = q[h]
+                wh = wr[h]
+            else:
+                h_ok = t_ok & (h < H)
+                qh = tl.load(
+                    Q + t[:, None].to(tl.int64) * sqt + h * sqh + d[None, :],
+                    mask=h_ok[:, None] & (d[None, :] < D),
+                    other=0.0,
+                )
+                wh = tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32)
             acc += tl.maximum(mma(qh, kt, PRECISE, UPCAST), 0.0) * wh[:, None]
     else:
         gated = tl.maximum(mma(q, kt, PRECISE, UPCAST), 0.0) * wr[:, None]
@@ -100,12 +104,31 @@ def _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D,
 
 
 @triton.jit
+def _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Tuples of each head's ``[BLOCK_T, BLOCK_D]`` queries and ``[BLOCK_T]`` gates of queries ``t``,
+    loaded once before the key loop (reloading them per key tile tripled the loads and shared memory)."""
+    d = tl.arange(0, BLOCK_D)
+    qs = ()
+    ws = ()
+    for h in tl.static_range(BLOCK_H):  # tuples grow by concatenation: Triton has no starred unpacking
+        h_ok = t_ok & (h < H)
+        qh = tl.load(Q + t[:, None].to(tl.int64) * sqt + h * sqh + d[None, :],
+                     mask=h_ok[:, None] & (d[None, :] < D), other=0.0)  # fmt: skip
+        qs = qs + (qh,)  # noqa: RUF005
+        ws = ws + (tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32),)  # noqa: RUF005
+    return qs, ws
+
+
+@triton.jit
 def _index_scores(
     Q, K, W, LO, HI, THR, S, POS, COUNT,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    HOIST: tl.constexpr = False, K_ROWS: tl.constexpr = False, SKIP: tl.constexpr = False,
+    REVERSE: tl.constexpr = False, COMPACT: tl.constexpr = True,
 ):  # fmt: skip
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
@@ -113,6 +136,8 @@ def _index_scores(
     counts in ``COUNT``. Otherwise writes key tile ``program_id(1)`` of the fp32 score rows ``S``
     (``-inf`` where not visible)."""
     pid_t = tl.program_id(0)
+    if REVERSE:
+        pid_t = tl.num_programs(0) - 1 - pid_t
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
     K += b * skb
@@ -133,7 +158,9 @@ def _index_scores(
     else:
         start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
         stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
-    if PER_HEAD:
+    if HOIST:
+        q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
+    elif PER_HEAD:
         q = 0.0
         wr = 0.0
     else:
@@ -141,24 +168,34 @@ def _index_scores(
     d = tl.arange(0, BLOCK_D)
     for s0 in range(start, stop, BLOCK_S):
         s_loc = s0 + tl.arange(0, BLOCK_S)
-        kt = tl.load(
-            K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
-            mask=(s_loc[None, :] < stop) & (d[:, None] < D),
-            other=0.0,
-        )
+        if K_ROWS:
+            kt = tl.trans(
+                tl.load(
+                    K + (k0 + s_loc[:, None]).to(tl.int64) * sks + d[None, :],
+                    mask=(s_loc[:, None] < stop) & (d[None, :] < D),
+                    other=0.0,
+                )
+            )
+        else:
+            kt = tl.load(
+                K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
+                mask=(s_loc[None, :] < stop) & (d[:, None] < D),
+                other=0.0,
+            )
         score = _gated_scores(
             Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
+            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST, HOIST,
         )  # fmt: skip
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
             keep = visible & (score >= thr[:, None])
-            at = taken[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
-            dst = t[:, None].to(tl.int64) * sst + at
-            fits = keep & (at < sst)
-            tl.store(S + dst, score, mask=fits)
-            tl.store(POS + dst, s_loc[None, :] + tl.zeros_like(at), mask=fits)
-            taken += tl.sum(keep.to(tl.int32), 1)
+            if not COMPACT:  # timing only: what the compaction costs
+                taken += tl.sum(keep.to(tl.int32), 1)
+            elif SKIP:
+                if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+                    taken = _compact(S, POS, score, keep, taken, t, s_loc, sst)
+            else:
+                taken = _compact(S, POS, score, keep, taken, t, s_loc, sst)
         else:
             tl.store(
                 S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
@@ -167,6 +204,18 @@ def _index_scores(
             )
     if CANDIDATES:
         tl.store(COUNT + b * n_rows + t, taken, mask=t_ok)
+
+
+@triton.jit
+def _compact(S, POS, score, keep, taken, t, s_loc, sst):
+    """Appends the kept (score, position) pairs of a tile to rows ``t`` of ``S``/``POS`` in key order;
+    returns the rows' new counts (entries past ``sst`` are counted, not written)."""
+    at = taken[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+    dst = t[:, None].to(tl.int64) * sst + at
+    fits = keep & (at < sst)
+    tl.store(S + dst, score, mask=fits)
+    tl.store(POS + dst, s_loc[None, :] + tl.zeros_like(at), mask=fits)
+    return taken + tl.sum(keep.to(tl.int32), 1)
 
 
 @triton.jit
@@ -405,6 +454,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     wide = q.element_size() > 2  # 32-bit tiles: half the tile in the same shared memory
     if candidates is None:
         thr = pos = count = dest
+        extra = {}
         block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
         # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
         # worth keeps registers and shared memory small, so more key tiles are in flight.
@@ -412,11 +462,12 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
     else:
         thr, pos, count = candidates
-        launch = CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH
+        launch = dict(CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH)
         if not gpu:
-            launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
-        block_t, block_s = launch["BLOCK_T"], launch["BLOCK_S"]
-        warps, stages, key_tiles = launch["num_warps"], launch["num_stages"], 1
+            launch.update(BLOCK_T=16, BLOCK_S=16, num_warps=4)
+        block_t, block_s = launch.pop("BLOCK_T"), launch.pop("BLOCK_S")
+        warps, stages, key_tiles = launch.pop("num_warps"), launch.pop("num_stages"), 1
+        extra = launch  # the kernel's variant switches
     _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
         q, k, w, lo, hi, thr, dest, pos, count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
@@ -424,7 +475,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
         CANDIDATES=candidates is not None, PER_HEAD=candidates is not None, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **extra,
     )  # fmt: skip
 
 

@@ -1,0 +1,199 @@
+"""Launch sweep of the candidate scoring kernel (stage 2 of ``select_topk``'s candidate path).
+
+Batch 1, 4 index heads x 128, bf16, top-k 2048, causal, random normal inputs. Every variant of
+``CANDIDATE_LAUNCH`` is checked first: at 32K its whole ``select_topk`` must pick keys whose reference
+(fp32 PyTorch) scores equal each query's reference top-k scores (index sets and last-chunk candidate
+counts are compared with the committed launch's too); only checked variants can win. Then ``do_bench``
+medians of the scoring of the last (longest) query chunk at each length, and of the whole
+``select_topk`` for the committed launch and the fastest variant. Scoring FLOPs: 2 * visible (query,
+key) pairs * heads * dim.
+
+    PYTHONUNBUFFERED=1 python packages/keye-dsa/benchmarks/sweep_indexer_scoring.py --out sweep.json
+    TRITON_INTERPRET=1 python packages/keye-dsa/benchmarks/sweep_indexer_scoring.py --smoke  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+
+from keye_dsa import select_topk
+from keye_dsa.ops.indexer_topk import triton_kernel as tk
+from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference
+
+COMMITTED = dict(tk.CANDIDATE_LAUNCH)
+
+
+def hoisted(block_t: int, block_s: int, stages: int, warps: int = 8, **knobs) -> dict:
+    """A launch with the queries loaded once before the key loop."""
+    return dict(BLOCK_T=block_t, BLOCK_S=block_s, num_warps=warps, num_stages=stages, HOIST=True, **knobs)
+
+
+VARIANTS = {
+    "committed 64x128 s2": COMMITTED,
+    "hoist 64x128 s2": hoisted(64, 128, 2),
+    "hoist 64x128 s3": hoisted(64, 128, 3),
+    "hoist 64x64 s3": hoisted(64, 64, 3),
+    "hoist 128x64 s2": hoisted(128, 64, 2),
+    "hoist 128x64 s3": hoisted(128, 64, 3),
+    "hoist 128x64 s4": hoisted(128, 64, 4),
+    "hoist 128x32 s4": hoisted(128, 32, 4),
+    "hoist 128x64 s3 K rows": hoisted(128, 64, 3, K_ROWS=True),
+    "hoist 128x64 s3 skip": hoisted(128, 64, 3, SKIP=True),
+    "hoist 64x64 s2 maxnreg 128": hoisted(64, 64, 2, maxnreg=128),  # two programs per SM
+    "hoist 64x64 s2 4 warps": hoisted(64, 64, 2, warps=4),  # two programs per SM
+    "hoist 64x32 s3 4 warps": hoisted(64, 32, 3, warps=4),  # two programs per SM
+    "hoist 64x128 s2 reverse": hoisted(64, 128, 2, REVERSE=True),
+    "hoist 128x64 s3 reverse": hoisted(128, 64, 3, REVERSE=True),
+}
+# Timing only (no candidate written: what the compaction costs); never a result.
+NO_COMPACTION = {
+    "hoist 64x128 s2 no compaction": hoisted(64, 128, 2, COMPACT=False),
+    "hoist 128x64 s3 no compaction": hoisted(128, 64, 3, COMPACT=False),
+}
+RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "select_topk": {}, "errors": []}
+
+
+def timed(fn, rep: int) -> float:
+    """Median milliseconds (``do_bench`` on the GPU, one host-timed call on the CPU)."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def inputs(t: int, heads: int, dim: int, dev: str, seed: int):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(1, t, heads, dim, device=dev, generator=g).bfloat16()
+    k = torch.randn(1, t, dim, device=dev, generator=g).bfloat16()
+    w = torch.randn(1, t, heads, device=dev, generator=g).bfloat16()
+    return q, k, w
+
+
+def check_selection(name: str, q, k, w, idx, topk: int, chunk: int) -> float:
+    """Largest |selected reference score - reference top-k score| over all queries, relative to the
+    largest score (each row's selected scores and top-k scores compared sorted)."""
+    worst, scale = 0.0, 0.0
+    t = q.shape[1]
+    for c0 in range(0, t, chunk):
+        c1 = min(t, c0 + chunk)
+        scores = indexer_scores_reference(q[:, c0:c1], k, w[:, c0:c1], q_offset=c0)
+        sel = idx[:, c0:c1].long()
+        got = torch.where(sel >= 0, scores.gather(2, sel.clamp_min(0)), float("-inf"))
+        want = scores.topk(min(topk, scores.shape[-1]), dim=-1).values
+        got, want = got.sort(-1).values, want.sort(-1).values
+        if not torch.equal(torch.isinf(got), torch.isinf(want)):
+            return float("inf")
+        fin = torch.isfinite(want)
+        worst = max(worst, (got[fin] - want[fin]).abs().max().item())
+        scale = max(scale, want[fin].abs().max().item())
+    return worst / scale
+
+
+def last_chunk(q, k, w, topk: int):
+    """The last (longest) query chunk of ``select_topk``: its inputs, window bounds and thresholds."""
+    t = q.shape[1]
+    rows = min(t, tk.chunk_rows(1, t, t, topk))
+    c0 = t - rows
+    qc, wc = q[:, c0:].contiguous(), w[:, c0:].contiguous()
+    lo = torch.zeros(1, rows, dtype=torch.int32, device=q.device)
+    hi = torch.arange(c0, t, dtype=torch.int32, device=q.device)[None]
+    thr = tk.sample_thresholds(qc, k, wc, lo, hi, 0, t, topk)
+    flops = rows * (c0 + (rows + 1) / 2) * q.shape[2] * q.shape[3] * 2
+    return (qc, k, wc, lo, hi, 0, t, thr, topk), flops
+
+
+def save(path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    heads, dim, topk, ref_chunk = 4, 128, 2048, 2048
+    if args.smoke:
+        lengths, dim, topk, ref_chunk = [80], 32, 8, 32
+        tk.CANDIDATE_BYTES_PER_CHUNK = 48 * 8 * tk.CANDIDATES_PER_TOPK * topk  # two chunks
+        tk.CANDIDATE_MIN_ROWS = 16
+    RESULTS["meta"] = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                           lengths=lengths, heads=heads, dim=dim, topk=topk, variants=VARIANTS)  # fmt: skip
+    valid = []
+    # 1. Correctness of every variant at the first length: whole select_topk and last-chunk counts.
+    t = lengths[0]
+    q, k, w = inputs(t, heads, dim, dev, seed=t)
+    stage, _ = last_chunk(q, k, w, topk)
+    tk.CANDIDATE_LAUNCH = COMMITTED
+    base_idx = select_topk(q, k, w, topk)
+    base_count = tk.score_candidates(*stage)[2]
+    for name, launch in VARIANTS.items():
+        tk.CANDIDATE_LAUNCH = launch
+        try:
+            idx = select_topk(q, k, w, topk)
+            count = tk.score_candidates(*stage)[2]
+        except Exception as e:  # a launch that does not fit (shared memory) is reported, not fatal
+            RESULTS["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:300]}")
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        err = check_selection(name, q, k, w, idx, topk, ref_chunk)
+        same_sets = (idx.sort(-1).values == base_idx.sort(-1).values).all(-1).float().mean().item()
+        same_counts = (count == base_count).float().mean().item()
+        ok = err <= 1e-5
+        RESULTS["checks"][name] = dict(selected_score_rel_err=err, same_sets_as_committed=same_sets,
+                                       same_counts_as_committed=same_counts, ok=ok)  # fmt: skip
+        print(f"check {name}: selected-score rel err {err:.2e}, same sets {same_sets:.4f}, "
+              f"same counts {same_counts:.4f} -> {'ok' if ok else 'FAIL'}")  # fmt: skip
+        if ok:
+            valid.append(name)
+    save(args.out)
+    del base_idx
+    # 2. Scoring of the last chunk at every length, then whole select_topk (committed and fastest).
+    timed_variants = VARIANTS | NO_COMPACTION  # all timed; only checked ones may win
+    for t in lengths:
+        if t != q.shape[1]:
+            q, k, w = inputs(t, heads, dim, dev, seed=t)
+        stage, flops = last_chunk(q, k, w, topk)
+        row = RESULTS["last_chunk"][t] = {}
+        for name, launch in timed_variants.items():
+            tk.CANDIDATE_LAUNCH = launch
+            try:
+                ms = timed(lambda stage=stage: tk.score_candidates(*stage), rep=150)
+            except Exception as e:
+                RESULTS["errors"].append(f"{name} at {t}: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            row[name] = dict(ms=ms, tflops=flops / ms / 1e9)
+            print(f"T={t} last chunk {name}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+        save(args.out)
+        ranked = sorted((v["ms"], n) for n, v in row.items() if n in valid) or [(0.0, "committed 64x128 s2")]
+        whole = RESULTS["select_topk"][t] = {}
+        for name in dict.fromkeys(["committed 64x128 s2", ranked[0][1]]):
+            tk.CANDIDATE_LAUNCH = VARIANTS[name]
+            run = lambda q=q, k=k, w=w: select_topk(q, k, w, topk)  # noqa: E731
+            whole[name] = timed(run, rep=600 if t > 65536 else 200)
+            print(f"T={t} select_topk {name}: {whole[name]:.2f} ms")
+        save(args.out)
+    tk.CANDIDATE_LAUNCH = COMMITTED
+    print("\n| variant | " + " | ".join(f"T={t} last chunk ms (TFLOP/s)" for t in lengths) + " |")
+    for name in timed_variants:
+        cells = [RESULTS["last_chunk"][t].get(name) for t in lengths]
+        text = [f"{c['ms']:.3f} ({c['tflops']:.0f})" if c else "-" for c in cells]
+        print(f"| {name} | " + " | ".join(text) + " |")
+    for t in lengths:
+        times = ", ".join(f"{n} {v:.2f} ms" for n, v in RESULTS["select_topk"][t].items())
+        print(f"select_topk T={t}: {times}")
+    print("errors:", RESULTS["errors"])
+
+
+if __name__ == "__main__":
+    main()
