@@ -116,7 +116,7 @@ def save(path: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--lengths", default="32768,131072,262144")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
     args = ap.parse_args()
@@ -129,7 +129,7 @@ def main() -> None:
         tk.CANDIDATE_MIN_ROWS = 16
     RESULTS["meta"] = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                            lengths=lengths, heads=heads, dim=dim, topk=topk, variants=VARIANTS)  # fmt: skip
-    valid = []
+    valid, started = [], time.perf_counter()
     # 1. Correctness of every variant at the first length: whole select_topk and last-chunk counts.
     t = lengths[0]
     q, k, w = inputs(t, heads, dim, dev, seed=t)
@@ -152,7 +152,7 @@ def main() -> None:
         ok = err <= 1e-5
         RESULTS["checks"][name] = dict(selected_score_rel_err=err, same_sets_as_committed=same_sets,
                                        same_counts_as_committed=same_counts, ok=ok)  # fmt: skip
-        print(f"check {name}: selected-score rel err {err:.2e}, same sets {same_sets:.4f}, "
+        print(f"[{time.perf_counter() - started:.0f} s] check {name}: selected-score rel err {err:.2e}, same sets {same_sets:.4f}, "
               f"same counts {same_counts:.4f} -> {'ok' if ok else 'FAIL'}")  # fmt: skip
         if ok:
             valid.append(name)
