@@ -152,8 +152,9 @@ def main() -> None:
         ok = err <= 1e-5
         RESULTS["checks"][name] = dict(selected_score_rel_err=err, same_sets_as_committed=same_sets,
                                        same_counts_as_committed=same_counts, ok=ok)  # fmt: skip
-        print(f"[{time.perf_counter() - started:.0f} s] check {name}: selected-score rel err {err:.2e}, same sets {same_sets:.4f}, "
-              f"same counts {same_counts:.4f} -> {'ok' if ok else 'FAIL'}")  # fmt: skip
+        verdict = "ok" if ok else "FAIL"
+        print(f"[{time.perf_counter() - started:.0f} s] check {name}: selected-score rel err {err:.2e}, "
+              f"same sets {same_sets:.4f}, same counts {same_counts:.4f} -> {verdict}")  # fmt: skip
         if ok:
             valid.append(name)
     save(args.out)
