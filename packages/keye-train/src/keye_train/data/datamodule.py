@@ -51,6 +51,15 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def worker_context(num_workers: int) -> str | None:
+    """How loader workers start: from a fork server once a process group exists. Forking a process
+    whose communication threads (gloo, NCCL) hold locks can leave the child deadlocked before it runs
+    (seen with two gloo ranks on CPU); a fresh server process has no such threads."""
+    if num_workers > 0 and _dist()[1] > 1:
+        return "forkserver"
+    return None
+
+
 @dataclass
 class Plan:
     """What measuring a split found: token counts, usable records, excluded records."""
@@ -75,8 +84,9 @@ def measure(
     cached = [_read_cache(cache_dir, file, key) for file in sources.files]
     items = [(s, i) for s, n in enumerate(sources.sizes()) if cached[s] is None for i in range(n)]
     loader = DataLoader(
-        Measure(sources, items[rank::world]), batch_size=1, num_workers=num_workers, collate_fn=_first
-    )
+        Measure(sources, items[rank::world]), batch_size=1, num_workers=num_workers, collate_fn=_first,
+        multiprocessing_context=worker_context(num_workers),
+    )  # fmt: skip
     results = list(loader)
     if world > 1:
         gathered: list[list | None] = [None] * world
@@ -225,6 +235,7 @@ class KeyeDataModule(L.LightningDataModule):
             "batch_sampler": sampler,
             "collate_fn": PackCollator(self.encoder),
             "num_workers": self.num_workers,
+            "multiprocessing_context": worker_context(self.num_workers),
         }
         if sampler.follow_epochs:
             return ResumableLoader(plan.sources, progress=self._consumed, **options)
@@ -265,7 +276,7 @@ class KeyeDataModule(L.LightningDataModule):
         items = [(s, i) for s, n in enumerate(chat.sizes()) for i in range(n)][rank::world]
         return DataLoader(
             Prompts(chat, items), batch_size=self.predict_batch_size, num_workers=self.num_workers,
-            collate_fn=PromptCollator(self.encoder),
+            collate_fn=PromptCollator(self.encoder), multiprocessing_context=worker_context(self.num_workers),
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
