@@ -28,3 +28,26 @@ def mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def softmax_step(q, kt, vt, keep, m, l, acc, qk_scale, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over a gathered key/value tile (log2 domain): scores ``q @ kt^T`` where
+    ``keep``, the running max ``m``, sum ``l`` and output ``acc`` rescaled and updated."""
+    s = mma(q, tl.trans(kt), PRECISE, UPCAST)
+    s = tl.where(keep, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(vt.dtype), vt, PRECISE, UPCAST)
+    return m_new, l, acc
+
+
+@triton.jit
+def softmax_finish(acc, m, l):
+    """The normalized output and the natural-log LSE of each row (0 and ``-inf`` for a row without keys)."""
+    empty = l == 0.0
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
+    return out, lse

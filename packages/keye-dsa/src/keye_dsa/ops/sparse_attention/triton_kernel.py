@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops._triton_utils import dot_flags, mma, softmax_finish, softmax_step
 from keye_dsa.ops.sparse_attention.union import QB, QB_JIT, UnionPlan
 from keye_dsa.ops.sparse_attention.union_kernel import union_attention_bwd, union_attention_fwd
 
@@ -112,20 +112,11 @@ def _sparse_fwd(
             K, V, IDX, b, t, n0, KTOP, sib, sit, skb, sks, skh, svb, svs, svh,
             kv_col, col_dim, col_ok, BLOCK_N,
         )  # fmt: skip
-        s = mma(q, tl.trans(kt), PRECISE, UPCAST)
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(vt.dtype), vt, PRECISE, UPCAST)
-        m = m_new
-    empty = l == 0.0
-    out = acc / tl.where(empty, 1.0, l)[:, None]
+        m, l, acc = softmax_step(q, kt, vt, ok[None, :], m, l, acc, qk_scale, PRECISE, UPCAST)
+    out, lse = softmax_finish(acc, m, l)
     tl.store(
         O + b * sob + t_out * sot + h[:, None] * soh + col_dim[None, :], out.to(O.dtype.element_ty), mask=diag
     )
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
     tl.store(LSE + b * slb + t_out * slt + h, lse, mask=row_ok)
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops._triton_utils import dot_flags, mma, softmax_finish, softmax_step
 from keye_dsa.ops.sparse_attention.union import QB, QB_JIT, UnionPlan
 
 
@@ -39,6 +39,28 @@ def _rows(blk, sl, NB, T, G: tl.constexpr, QS: tl.constexpr, BLOCK_M: tl.constex
     local = sl * QS + rows // G
     t = (blk % NB) * QB_JIT + local
     return t, rows % G, tl.minimum(local, QB_JIT - 1).to(tl.int64), (rows < QS * G) & (t < T)
+
+
+@triton.jit
+def _program(
+    Q, COUNT, USE, sqb, sqt, sqh, T, NB, D,
+    G: tl.constexpr, QS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """What program (group g, query slice, block) works on: its union size ``n`` (0 when the block is
+    not the union kernel's), its rows (query ``t``, head ``h``, membership ``bit``) and their queries."""
+    g = tl.program_id(0)
+    blk = tl.program_id(2).to(tl.int64)
+    b = blk // NB
+    use = tl.load(USE + blk) != 0
+    n = tl.where(use, tl.load(COUNT + blk), 0)
+    t, head, bit, row_ok = _rows(blk, tl.program_id(1), NB, T, G, QS, BLOCK_M)
+    row_ok = row_ok & use
+    h = g * G + head
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    tile = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(Q + b * sqb + t[:, None] * sqt + h[:, None] * sqh + cols[None, :], mask=tile, other=0.0)
+    return g, blk, b, n, t, h, bit, row_ok, cols, col_ok, tile, q
 
 
 @triton.jit
@@ -65,19 +87,9 @@ def _union_fwd(
     G: tl.constexpr, QS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)
-    sl = tl.program_id(1)
-    blk = tl.program_id(2).to(tl.int64)
-    b = blk // NB
-    use = tl.load(USE + blk) != 0
-    n = tl.where(use, tl.load(COUNT + blk), 0)
-    t, head, bit, row_ok = _rows(blk, sl, NB, T, G, QS, BLOCK_M)
-    row_ok = row_ok & use
-    h = g * G + head
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    tile = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(Q + b * sqb + t[:, None] * sqt + h[:, None] * sqh + cols[None, :], mask=tile, other=0.0)
+    g, blk, b, n, t, h, bit, row_ok, cols, col_ok, tile, q = _program(
+        Q, COUNT, USE, sqb, sqt, sqh, T, NB, D, G, QS, BLOCK_M, BLOCK_D
+    )
     qk_scale = scale * 1.4426950408889634
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -87,19 +99,10 @@ def _union_fwd(
             K, V, KEYS, MEMBERS, b, blk, u0, n, CAP, skb, sks, skh, svb, svs, svh, g, cols, col_ok, BLOCK_U
         )  # fmt: skip
         selected = ((members[None, :] >> bit[:, None]) & 1) != 0
-        s = mma(q, tl.trans(kt), PRECISE, UPCAST)
-        s = tl.where(selected, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(vt.dtype), vt, PRECISE, UPCAST)
-        m = m_new
-    empty = l == 0.0
-    out = acc / tl.where(empty, 1.0, l)[:, None]
+        m, l, acc = softmax_step(q, kt, vt, selected, m, l, acc, qk_scale, PRECISE, UPCAST)
+    out, lse = softmax_finish(acc, m, l)
     tl.store(O + b * sob + t[:, None] * sot + h[:, None] * soh + cols[None, :], out.to(O.dtype.element_ty),
              mask=tile)  # fmt: skip
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
     tl.store(LSE + b * slb + t * slt + h, lse, mask=row_ok)
 
 
@@ -112,19 +115,9 @@ def _union_bwd(
     G: tl.constexpr, QS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_U: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)
-    sl = tl.program_id(1)
-    blk = tl.program_id(2).to(tl.int64)
-    b = blk // NB
-    use = tl.load(USE + blk) != 0
-    n = tl.where(use, tl.load(COUNT + blk), 0)
-    t, head, bit, row_ok = _rows(blk, sl, NB, T, G, QS, BLOCK_M)
-    row_ok = row_ok & use
-    h = g * G + head
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    tile = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(Q + b * sqb + t[:, None] * sqt + h[:, None] * sqh + cols[None, :], mask=tile, other=0.0)
+    g, blk, b, n, t, h, bit, row_ok, cols, col_ok, tile, q = _program(
+        Q, COUNT, USE, sqb, sqt, sqh, T, NB, D, G, QS, BLOCK_M, BLOCK_D
+    )
     do = tl.load(DO + b * sdob + t[:, None] * sdot + h[:, None] * sdoh + cols[None, :], mask=tile, other=0.0)
     lse = tl.load(LSE + b * slb + t * slt + h, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: every p is 0
