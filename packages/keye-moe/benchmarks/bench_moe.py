@@ -156,7 +156,9 @@ def time_block(name, forward, params, x, grad, flops, results):
     print(f"block {name:<36} fwd {fwd} | fwd+bwd {both} {row.get('error', '')}", flush=True)
 
 
-def moe_block_bench(t, h, e, k, i, dtype, results, checks):
+def random_block(h, e, k, i, dtype):
+    """A keye-moe MoE block of this shape with seeded N(0, 0.02) weights (near-uniform routing), and its
+    expert backend table."""
     torch.manual_seed(0)
     cfg = DecoderConfig.preset(
         "tiny",
@@ -172,7 +174,11 @@ def moe_block_bench(t, h, e, k, i, dtype, results, checks):
         block.gate.weight.normal_(0, 0.02)
         block.experts.gate_up_proj.normal_(0, 0.02)
         block.experts.down_proj.normal_(0, 0.02)
-    block = block.to(dtype)
+    return block.to(dtype), table
+
+
+def moe_block_bench(t, h, e, k, i, dtype, results, checks):
+    block, table = random_block(h, e, k, i, dtype)
     x = torch.randn(1, t, h, device=DEV, dtype=dtype)
     grad = torch.randn(1, t, h, device=DEV, dtype=dtype)
     flops = 6 * t * k * h * i

@@ -24,17 +24,14 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_moe import CUDA, DEV, bench, ensure_plugins, expert_case, rel
+from bench_moe import CUDA, DEV, bench, ensure_plugins, expert_case, random_block, rel
 
-from keye_moe import DecoderConfig
 from keye_moe.experts.loop import loop_experts
 from keye_moe.experts.routing import dispatch, weighted_sum
 from keye_moe.experts.triton import function as TF
 from keye_moe.experts.triton import kernels as K
 from keye_moe.experts.triton.plan import make_plan, reference_plan
-from keye_moe.layers.moe import SparseMoeBlock
 from keye_moe.layers.topk_softmax import reference_topk_softmax
-from keye_moe.model import _ExpertBackendTable
 
 GATE_UP_SWEEP = [
     (64, 64, 4, 4),
@@ -122,22 +119,7 @@ def main() -> None:
             + " ".join(f"{v:.1e}" for v in errs)
         )
 
-    torch.manual_seed(0)
-    cfg = DecoderConfig.preset(
-        "tiny",
-        hidden_size=h,
-        num_experts=e,
-        num_experts_per_tok=k,
-        moe_intermediate_size=i,
-        norm_topk_prob=True,
-    )
-    table = _ExpertBackendTable()
-    block = SparseMoeBlock(cfg, table).to(DEV)
-    with torch.no_grad():
-        block.gate.weight.normal_(0, 0.02)
-        block.experts.gate_up_proj.normal_(0, 0.02)
-        block.experts.down_proj.normal_(0, 0.02)
-    block = block.to(dtype)
+    block, table = random_block(h, e, k, i, dtype)
     gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
     xb = torch.randn(t, h, device=DEV, dtype=dtype)
     gb = torch.randn(t, h, device=DEV, dtype=dtype)
