@@ -28,32 +28,19 @@ from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference
 COMMITTED = dict(tk.CANDIDATE_LAUNCH)
 
 
-def hoisted(block_t: int, block_s: int, stages: int, warps: int = 8, **knobs) -> dict:
-    """A launch with the queries loaded once before the key loop."""
-    return dict(BLOCK_T=block_t, BLOCK_S=block_s, num_warps=warps, num_stages=stages, HOIST=True, **knobs)
+def setting(block_t: int, block_s: int, stages: int, warps: int = 8) -> dict:
+    return dict(BLOCK_T=block_t, BLOCK_S=block_s, num_warps=warps, num_stages=stages)
 
 
+# The runners-up of the last sweep (BENCHMARKS.md, within 14% of the kept launch at 128K).
 VARIANTS = {
-    "committed 64x128 s2": COMMITTED,
-    "hoist 64x128 s2": hoisted(64, 128, 2),
-    "hoist 64x128 s3": hoisted(64, 128, 3),
-    "hoist 64x64 s3": hoisted(64, 64, 3),
-    "hoist 128x64 s2": hoisted(128, 64, 2),
-    "hoist 128x64 s3": hoisted(128, 64, 3),
-    "hoist 128x64 s4": hoisted(128, 64, 4),
-    "hoist 128x32 s4": hoisted(128, 32, 4),
-    "hoist 128x64 s3 K rows": hoisted(128, 64, 3, K_ROWS=True),
-    "hoist 128x64 s3 skip": hoisted(128, 64, 3, SKIP=True),
-    "hoist 64x64 s2 maxnreg 128": hoisted(64, 64, 2, maxnreg=128),  # two programs per SM
-    "hoist 64x64 s2 4 warps": hoisted(64, 64, 2, warps=4),  # two programs per SM
-    "hoist 64x32 s3 4 warps": hoisted(64, 32, 3, warps=4),  # two programs per SM
-    "hoist 64x128 s2 reverse": hoisted(64, 128, 2, REVERSE=True),
-    "hoist 128x64 s3 reverse": hoisted(128, 64, 3, REVERSE=True),
-}
-# Timing only (no candidate written: what the compaction costs); never a result.
-NO_COMPACTION = {
-    "hoist 64x128 s2 no compaction": hoisted(64, 128, 2, COMPACT=False),
-    "hoist 128x64 s3 no compaction": hoisted(128, 64, 3, COMPACT=False),
+    "committed": COMMITTED,
+    "64x128 s3": setting(64, 128, 3),
+    "64x64 s3": setting(64, 64, 3),
+    "128x64 s4": setting(128, 64, 4),
+    "128x32 s4": setting(128, 32, 4),
+    "64x64 s2 4 warps": setting(64, 64, 2, warps=4),  # two programs per SM
+    "64x32 s3 4 warps": setting(64, 32, 3, warps=4),  # two programs per SM
 }
 RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "select_topk": {}, "errors": []}
 
@@ -160,13 +147,12 @@ def main() -> None:
     save(args.out)
     del base_idx
     # 2. Scoring of the last chunk at every length, then whole select_topk (committed and fastest).
-    timed_variants = VARIANTS | NO_COMPACTION  # all timed; only checked ones may win
     for t in lengths:
         if t != q.shape[1]:
             q, k, w = inputs(t, heads, dim, dev, seed=t)
         stage, flops = last_chunk(q, k, w, topk)
         row = RESULTS["last_chunk"][t] = {}
-        for name, launch in timed_variants.items():
+        for name, launch in VARIANTS.items():
             tk.CANDIDATE_LAUNCH = launch
             try:
                 ms = timed(lambda stage=stage: tk.score_candidates(*stage), rep=150)
@@ -176,9 +162,9 @@ def main() -> None:
             row[name] = dict(ms=ms, tflops=flops / ms / 1e9)
             print(f"T={t} last chunk {name}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
         save(args.out)
-        ranked = sorted((v["ms"], n) for n, v in row.items() if n in valid) or [(0.0, "committed 64x128 s2")]
+        ranked = sorted((v["ms"], n) for n, v in row.items() if n in valid) or [(0.0, "committed")]
         whole = RESULTS["select_topk"][t] = {}
-        for name in dict.fromkeys(["committed 64x128 s2", ranked[0][1]]):
+        for name in dict.fromkeys(["committed", ranked[0][1]]):
             tk.CANDIDATE_LAUNCH = VARIANTS[name]
             run = lambda q=q, k=k, w=w: select_topk(q, k, w, topk)  # noqa: E731
             whole[name] = timed(run, rep=600 if t > 65536 else 200)
@@ -186,7 +172,7 @@ def main() -> None:
         save(args.out)
     tk.CANDIDATE_LAUNCH = COMMITTED
     print("\n| variant | " + " | ".join(f"T={t} last chunk ms (TFLOP/s)" for t in lengths) + " |")
-    for name in timed_variants:
+    for name in VARIANTS:
         cells = [RESULTS["last_chunk"][t].get(name) for t in lengths]
         text = [f"{c['ms']:.3f} ({c['tflops']:.0f})" if c else "-" for c in cells]
         print(f"| {name} | " + " | ".join(text) + " |")

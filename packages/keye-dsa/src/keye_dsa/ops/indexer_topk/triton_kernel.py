@@ -6,8 +6,9 @@ No ``L x L`` score matrix ever exists. Prefill chunks (the candidate path) never
    key window and, per query, takes the sampled score that ranks at ``CANDIDATE_FACTOR * topk`` among
    its visible keys (scaled from the sample; an exact bitwise search over the sample): an estimate of a
    threshold that a little more than ``topk`` keys pass.
-2. ``_index_scores`` (``CANDIDATES``): one program per block of queries loops over all its key tiles
-   (tensor-core dots, ReLU, the per-head gate, the sum over heads; tiles past the causal edge skipped)
+2. ``_index_scores`` (``CANDIDATES``): one program per block of queries loads its queries once and
+   loops over all its key tiles (a tensor-core dot per head, ReLU, the per-head gate, the sum over
+   heads; tiles past the causal edge skipped)
    and appends the (score, position) pairs at or above each query's threshold, in key order, to the
    query's candidate buffer of ``CANDIDATES_PER_TOPK * topk`` entries.
 3. ``_select_candidates``: one program per query finds the exact k-th largest candidate in four 8-bit
@@ -45,39 +46,24 @@ CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
-# step), the fastest of eight in the H200 sweep of BENCHMARKS.md; 32-bit inputs take smaller tiles.
-CANDIDATE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 128, "num_warps": 8, "num_stages": 2}
+# step), the fastest at 128K and 256K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
+CANDIDATE_LAUNCH = {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
 CANDIDATE_LAUNCH_FP32 = {"BLOCK_T": 32, "BLOCK_S": 64, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
-def _gated_scores(
-    Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, HOIST: tl.constexpr = False,
-):  # fmt: skip
-    """``[BLOCK_T, BLOCK_S]`` scores of queries ``t`` against the key tile ``kt [BLOCK_D, BLOCK_S]``.
+def _gated_scores(q, wr, kt, scale, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                  PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """``[BLOCK_T, BLOCK_S]`` scores of a block of queries against the key tile ``kt [BLOCK_D, BLOCK_S]``.
 
-    ``PER_HEAD``: one dot per head (its queries' rows of ``Q`` and gates of ``W``), summed in place:
-    the candidate kernel's way, 2x faster there than stacking on the H200. Otherwise ``q [BLOCK_T *
-    BLOCK_H, BLOCK_D]`` stacks every head's rows (``_stacked_queries``) into one dot, for blocks of few
-    queries (decoding, the sample), and the heads are summed after a reshape (``wr``: their gates)."""
+    ``PER_HEAD``: ``q``/``wr`` are tuples of each head's queries and gates (``_head_queries``), one dot
+    per head summed in place: the candidate kernel's way, 2x faster there than stacking on the H200.
+    Otherwise ``q [BLOCK_T * BLOCK_H, BLOCK_D]`` stacks every head's rows (``_stacked_queries``) into one
+    dot, for blocks of few queries (decoding, the sample), and the heads are summed after a reshape."""
     if PER_HEAD:
-        d = tl.arange(0, BLOCK_D)
         acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
         for h in tl.static_range(BLOCK_H):
-            if HOIST:
-                qh = q[h]
-                wh = wr[h]
-            else:
-                h_ok = t_ok & (h < H)
-                qh = tl.load(
-                    Q + t[:, None].to(tl.int64) * sqt + h * sqh + d[None, :],
-                    mask=h_ok[:, None] & (d[None, :] < D),
-                    other=0.0,
-                )
-                wh = tl.load(W + t.to(tl.int64) * swt + h, mask=h_ok, other=0.0).to(tl.float32)
-            acc += tl.maximum(mma(qh, kt, PRECISE, UPCAST), 0.0) * wh[:, None]
+            acc += tl.maximum(mma(q[h], kt, PRECISE, UPCAST), 0.0) * wr[h][:, None]
     else:
         gated = tl.maximum(mma(q, kt, PRECISE, UPCAST), 0.0) * wr[:, None]
         acc = tl.sum(tl.reshape(gated, [BLOCK_T, BLOCK_H, BLOCK_S]), 1)
@@ -127,8 +113,6 @@ def _index_scores(
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
-    HOIST: tl.constexpr = False, K_ROWS: tl.constexpr = False, SKIP: tl.constexpr = False,
-    REVERSE: tl.constexpr = False, COMPACT: tl.constexpr = True,
 ):  # fmt: skip
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
@@ -136,8 +120,6 @@ def _index_scores(
     counts in ``COUNT``. Otherwise writes key tile ``program_id(1)`` of the fp32 score rows ``S``
     (``-inf`` where not visible)."""
     pid_t = tl.program_id(0)
-    if REVERSE:
-        pid_t = tl.num_programs(0) - 1 - pid_t
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
     K += b * skb
@@ -158,44 +140,22 @@ def _index_scores(
     else:
         start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
         stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
-    if HOIST:
+    if PER_HEAD:
         q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
-    elif PER_HEAD:
-        q = 0.0
-        wr = 0.0
     else:
         q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
     for s0 in range(start, stop, BLOCK_S):
         s_loc = s0 + tl.arange(0, BLOCK_S)
-        if K_ROWS:
-            kt = tl.trans(
-                tl.load(
-                    K + (k0 + s_loc[:, None]).to(tl.int64) * sks + d[None, :],
-                    mask=(s_loc[:, None] < stop) & (d[None, :] < D),
-                    other=0.0,
-                )
-            )
-        else:
-            kt = tl.load(
-                K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
-                mask=(s_loc[None, :] < stop) & (d[:, None] < D),
-                other=0.0,
-            )
-        score = _gated_scores(
-            Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST, HOIST,
-        )  # fmt: skip
+        kt = tl.load(
+            K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
+            mask=(s_loc[None, :] < stop) & (d[:, None] < D),
+            other=0.0,
+        )
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
-            keep = visible & (score >= thr[:, None])
-            if not COMPACT:  # timing only: what the compaction costs
-                taken += tl.sum(keep.to(tl.int32), 1)
-            elif SKIP:
-                if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
-                    taken = _compact(S, POS, score, keep, taken, t, s_loc, sst)
-            else:
-                taken = _compact(S, POS, score, keep, taken, t, s_loc, sst)
+            taken = _compact(S, POS, score, visible & (score >= thr[:, None]), taken, t, s_loc, sst)
         else:
             tl.store(
                 S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
@@ -255,8 +215,7 @@ def _sample_threshold(
     hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
     lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=0)
     if PER_HEAD:
-        q = 0.0
-        wr = 0.0
+        q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
     else:
         q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
@@ -265,10 +224,7 @@ def _sample_threshold(
         j = j0 + tl.arange(0, BLOCK_S)
         p = ((j.to(tl.int64) * width) // M).to(tl.int32)
         kt = tl.load(K + (k0 + p[None, :]).to(tl.int64) * sks + d[:, None], mask=d[:, None] < D, other=0.0)
-        score = _gated_scores(
-            Q, W, q, wr, kt, t, t_ok, sqt, sqh, swt, H, D, scale,
-            BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, PER_HEAD, PRECISE, UPCAST,
-        )  # fmt: skip
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
         tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
     tl.debug_barrier()  # the block reads back what all of its threads wrote
@@ -454,7 +410,6 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     wide = q.element_size() > 2  # 32-bit tiles: half the tile in the same shared memory
     if candidates is None:
         thr = pos = count = dest
-        extra = {}
         block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
         # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
         # worth keeps registers and shared memory small, so more key tiles are in flight.
@@ -462,12 +417,11 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
     else:
         thr, pos, count = candidates
-        launch = dict(CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH)
+        launch = CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH
         if not gpu:
-            launch.update(BLOCK_T=16, BLOCK_S=16, num_warps=4)
-        block_t, block_s = launch.pop("BLOCK_T"), launch.pop("BLOCK_S")
-        warps, stages, key_tiles = launch.pop("num_warps"), launch.pop("num_stages"), 1
-        extra = launch  # the kernel's variant switches
+            launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
+        block_t, block_s = launch["BLOCK_T"], launch["BLOCK_S"]
+        warps, stages, key_tiles = launch["num_warps"], launch["num_stages"], 1
     _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
         q, k, w, lo, hi, thr, dest, pos, count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
@@ -475,7 +429,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
         CANDIDATES=candidates is not None, PER_HEAD=candidates is not None, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=stages, **extra,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
