@@ -55,7 +55,7 @@ def select_topk_decode(
             f"got {lengths.tolist()}"
         )
     if capacity <= topk:
-        return _all_visible_rows(batch, t, topk, lengths, key_start, q_index.device)
+        return all_visible(batch, t, lengths, topk, key_start, q_index.device)
     if impl_for(q_index, k_cache, weights, lengths) != "triton" or q_index.dtype == torch.float64:
         return _reference_rows(q_index, k_cache, weights, topk, lengths, key_start)
     from keye_dsa.ops.indexer_topk.triton_kernel import topk_chunk
@@ -70,24 +70,12 @@ def select_topk_decode(
     return out
 
 
-def _all_visible_rows(batch, t, topk, lengths, key_start, device) -> torch.Tensor:
-    """Every visible key of each row, in order, -1 padded (no row can see more than ``topk`` keys)."""
-    lo = torch.zeros(batch, dtype=torch.long, device=device) if key_start is None else key_start.long()
-    hi = lengths.to(device).long()[:, None] - t + torch.arange(t, device=device)[None, :]  # [B,T]
-    idx = lo.to(device)[:, None, None] + torch.arange(topk, device=device)[None, None, :]
-    visible = idx <= hi[:, :, None]
-    return torch.where(visible, idx, -1).to(torch.int32)
-
-
 def _reference_rows(q, k, w, topk, lengths, key_start) -> torch.Tensor:
     """Row by row on the filled part of the cache: the plain-PyTorch ground truth."""
     rows = []
     for b, n in enumerate(lengths.tolist()):
         start = None if key_start is None else key_start[b : b + 1]
-        if n <= topk:
-            rows.append(all_visible(1, q.shape[1], n, topk, start, q.device))
-        else:
-            rows.append(
-                select_topk_reference(q[b : b + 1], k[b : b + 1, :n], w[b : b + 1], topk, key_start=start)
-            )
+        rows.append(
+            select_topk_reference(q[b : b + 1], k[b : b + 1, :n], w[b : b + 1], topk, key_start=start)
+        )
     return torch.cat(rows)

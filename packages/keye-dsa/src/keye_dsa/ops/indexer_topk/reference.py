@@ -12,9 +12,15 @@ import torch
 QUERY_CHUNK = 512
 
 
-def key_bounds(batch: int, q_len: int, k_len: int, key_start: torch.Tensor | None, device) -> tuple:
-    """Inclusive visible key range ``[lo, hi]`` per (batch, query): ``lo [B,1]``, ``hi [1,T]``."""
-    hi = torch.arange(q_len, device=device)[None, :] + (k_len - q_len)
+def key_bounds(
+    batch: int, q_len: int, k_len: int | torch.Tensor, key_start: torch.Tensor | None, device
+) -> tuple:
+    """Inclusive visible key range ``[lo, hi]`` per (batch, query): ``lo [B,1]``, ``hi [1,T]`` (``[B,T]``
+    when ``k_len`` is a per-row ``[B]`` tensor of filled cache lengths)."""
+    offset = k_len - q_len
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(device=device, dtype=torch.long).view(batch, 1)
+    hi = torch.arange(q_len, device=device)[None, :] + offset
     lo = torch.zeros(batch, 1, dtype=torch.long, device=device)
     if key_start is not None:
         lo = key_start.to(device=device, dtype=torch.long).view(batch, 1)
@@ -50,7 +56,9 @@ def indexer_scores_reference(
     return scores
 
 
-def all_visible(batch: int, q_len: int, k_len: int, topk: int, key_start, device) -> torch.Tensor:
+def all_visible(
+    batch: int, q_len: int, k_len: int | torch.Tensor, topk: int, key_start, device
+) -> torch.Tensor:
     """Every visible key, in order, padded with -1: top-k when no query sees more than ``topk`` keys."""
     lo, hi = key_bounds(batch, q_len, k_len, key_start, device)
     idx = lo[:, :, None] + torch.arange(topk, device=device)[None, None, :]  # [B,1,K]
