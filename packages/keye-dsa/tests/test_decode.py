@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from keye_dsa import select_topk, select_topk_decode, sparse_attention
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
+from keye_dsa.ops.indexer_topk.reference import select_topk_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,6 +30,64 @@ def test_matches_select_topk_on_the_filled_part(force_impl, impl, t):
     for b, n in enumerate(lengths.tolist()):
         want = select_topk(q[b : b + 1], k[b : b + 1, :n], w[b : b + 1], 10, key_start=start[b : b + 1])
         assert torch.equal(got[b : b + 1].sort(-1).values, want.sort(-1).values), f"row {b}"
+
+
+def _reference_sets(q, k, w, topk, lengths, start):
+    """Row by row ``select_topk_reference`` on the filled part, sorted (positions form a set)."""
+    rows = []
+    for b, n in enumerate(lengths.tolist()):
+        s = None if start is None else start[b : b + 1]
+        rows.append(select_topk_reference(q[b : b + 1], k[b : b + 1, :n], w[b : b + 1], topk, key_start=s))
+    return torch.cat(rows).sort(-1).values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 2])
+def test_decode_kernel_equals_the_reference_on_odd_shapes(force_impl, dtype, t):
+    """Several key segments, compaction blocks and select steps per row; lengths off every tile size,
+    left padding, one row under top-k and one with no visible key past its start."""
+    force_impl("triton")
+    q, k, w = _cache(5, t, 211, 3, 24, seed=11 + t, dtype=dtype)
+    lengths = torch.tensor([211, 150, 97, 40, 60], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([0, 7, 0, 19, 60 - t], dtype=torch.int32, device=DEVICE)
+    got = select_topk_decode(q, k, w, 37, lengths, key_start=start)
+    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 37, lengths, start))
+
+
+@pytest.mark.parametrize("threshold_tie", [True, False])
+def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, threshold_tie):
+    """Repeated keys tie exactly; with ``threshold_tie`` the top-k boundary falls inside a tie group
+    (the candidates are unordered, so the kernel searches the position cut-off)."""
+    force_impl("triton")
+    q, k, w = _cache(2, 1, 150, 2, 16, seed=21)
+    w = w.abs()
+    distinct = 5 if threshold_tie else 150
+    k = k[:, torch.arange(150) % distinct]
+    lengths = torch.tensor([150, 133], dtype=torch.int32, device=DEVICE)
+    got = select_topk_decode(q, k, w, 23, lengths)
+    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 23, lengths, None))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_fp8_cache_selects_the_reference_top_k_of_the_dequantized_keys(force_impl, impl):
+    force_impl(impl)
+    q, k, w = _cache(3, 1, 173, 4, 32, seed=31, dtype=torch.bfloat16)
+    k8, scale = quantize_index_keys(k)
+    assert k8.dtype == torch.float8_e4m3fn and scale.shape == (3, 173)
+    lengths = torch.tensor([173, 90, 131], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([0, 3, 11], dtype=torch.int32, device=DEVICE)
+    got = select_topk_decode(q, k8, w, 29, lengths, key_start=start, k_scale=scale)
+    want = _reference_sets(q, dequantize_index_keys(k8, scale), w, 29, lengths, start)
+    assert torch.equal(got.sort(-1).values, want)
+
+
+def test_fp8_keys_round_trip_within_e4m3_precision():
+    k = torch.randn(4, 9, 128, generator=torch.Generator().manual_seed(0))
+    k8, scale = quantize_index_keys(k)
+    err = (dequantize_index_keys(k8, scale) - k).abs()
+    # e4m3: 3 mantissa bits (half-ulp 2^-4 relative), subnormal spacing 2^-9 in units of the scale
+    assert bool((err <= k.abs() * 2**-4 + scale[..., None] * 2**-10).all())
+    assert bool((k8.float().abs().amax(-1) == 448).all())  # each key's largest entry maps to e4m3's max
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -67,6 +127,11 @@ def test_clear_errors():
         select_topk_decode(q, k, w, 4, torch.tensor([21, 5]))
     with pytest.raises(ValueError, match="topk must be a positive int"):
         select_topk_decode(q, k, w, 0, torch.tensor([20, 5]))
+    with pytest.raises(TypeError, match="k_cache must be torch.float8_e4m3fn when k_scale is given"):
+        select_topk_decode(q, k, w, 4, torch.tensor([20, 5]), k_scale=torch.ones(2, 20))
+    k8, scale = quantize_index_keys(k)
+    with pytest.raises(ValueError, match=r"k_scale.shape \(\(2, 19\)\) must equal k_cache.shape\[:2\]"):
+        select_topk_decode(q, k8, w, 4, torch.tensor([20, 5]), k_scale=scale[:, :19])
 
 
 @pytest.mark.cuda

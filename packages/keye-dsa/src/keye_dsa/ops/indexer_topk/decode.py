@@ -27,18 +27,22 @@ def select_topk_decode(
     lengths: torch.Tensor,
     *,
     key_start: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Exact top-``topk`` cache positions for the ``T`` newest tokens of each row, int32 ``[B,T,topk]``.
 
     ``q_index [B,T,H,D]``, ``weights [B,T,H]``: the new tokens, which are the last ``T`` of the
     ``lengths[b]`` filled entries of ``k_cache [B,C,D]`` (capacity ``C``); ``key_start [B]`` hides left
-    padding. The result equals ``select_topk(q_index, k_cache[b:b+1, :lengths[b]], ...)`` row by row.
-    ``validate=False`` skips the range check of ``lengths`` (a device sync; not allowed while capturing).
+    padding. The result equals ``select_topk(q_index, k_cache[b:b+1, :lengths[b]], ...)`` row by row, as
+    a set (the order of the positions is unspecified). An FP8 cache (``torch.float8_e4m3fn``, e.g. from
+    ``quantize_index_keys``) comes with its per-key fp32 ``k_scale [B,C]``; the keys are then
+    ``k_cache.float() * k_scale[..., None]``. ``validate=False`` skips the range check of ``lengths`` (a
+    device sync; not allowed while capturing).
     """
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be a positive int; got {topk!r}")
-    _check_index_inputs(q_index, k_cache, weights, packed=False)
+    _check_index_inputs(q_index, _key_shape(k_cache, k_scale, q_index.dtype), weights, packed=False)
     batch, t = q_index.shape[:2]
     capacity = k_cache.shape[1]
     check_rank("lengths", lengths, 1, "[batch]")
@@ -57,17 +61,46 @@ def select_topk_decode(
     if capacity <= topk:
         return all_visible(batch, t, lengths, topk, key_start, q_index.device)
     if impl_for(q_index, k_cache, weights, lengths) != "triton" or q_index.dtype == torch.float64:
-        return _reference_rows(q_index, k_cache, weights, topk, lengths, key_start)
-    from keye_dsa.ops.indexer_topk.triton_kernel import topk_chunk
+        keys = (
+            k_cache
+            if k_scale is None
+            else dequantize_index_keys(k_cache, k_scale, torch.promote_types(q_index.dtype, torch.float32))
+        )
+        return _reference_rows(q_index, keys, weights, topk, lengths, key_start)
+    from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
 
     dev = q_index.device
     lengths = lengths.to(device=dev, dtype=torch.int32)
-    hi = lengths[:, None] - t + torch.arange(t, dtype=torch.int32, device=dev)[None, :]
-    lo = torch.zeros_like(hi) if key_start is None else key_start.to(dev, torch.int32)[:, None].expand_as(hi)
-    out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
+    start = None if key_start is None else key_start.to(device=dev, dtype=torch.int32)
+    scale = None if k_scale is None else k_scale.to(device=dev, dtype=torch.float32).contiguous()
     q_index, k_cache, weights = (x.contiguous() for x in (q_index, k_cache, weights))
-    topk_chunk(q_index, k_cache, weights, lo.contiguous(), hi, torch.zeros_like(hi), out, 0, capacity)
-    return out
+    return decode_topk(q_index, k_cache, weights, lengths, start, topk, scale)
+
+
+def quantize_index_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k [..., D]`` -> FP8 e4m3 keys and their per-key fp32 scale (``amax / 448``): half the bytes a
+    decode step streams. Index keys are LayerNorm-ed (and optionally Hadamard-rotated, which spreads
+    outliers over the dimensions), so one scale per key loses little."""
+    amax = k.float().abs().amax(-1).clamp_min(1e-12)
+    scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    return (k.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_index_keys(k_fp8: torch.Tensor, k_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The keys an FP8 cache stands for: ``k_fp8.float() * k_scale[..., None]`` (then cast to ``dtype``)."""
+    return (k_fp8.float() * k_scale.float()[..., None]).to(dtype)
+
+
+def _key_shape(k_cache: torch.Tensor, k_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``k_cache`` for the shared checks; an FP8 cache is checked against its scale and stood in for by a
+    shape-only tensor of the query dtype."""
+    if k_scale is None:
+        return k_cache
+    if k_cache.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"k_cache must be torch.float8_e4m3fn when k_scale is given; got {k_cache.dtype}")
+    check_rank("k_cache", k_cache, 3, "[batch, capacity, index_dim]")
+    check_same("k_scale.shape", tuple(k_scale.shape), "k_cache.shape[:2]", tuple(k_cache.shape[:2]))  # type: ignore[arg-type]
+    return torch.empty(k_cache.shape, dtype=dtype, device="meta")
 
 
 def _reference_rows(q, k, w, topk, lengths, key_start) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""Triton top-k for decoding: a few query rows against a long, preallocated index-key cache.
+
+A decode step has a handful of rows (batch 8, one new token each) and ~128K keys per row, so the work is
+streaming the index keys once; what costs beyond that is launches and serial scans. Three launches:
+
+1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
+   MMA tile), write the fp32 scores, and add a ``BITS``-bit histogram of the scores' order-preserving
+   uint32 images into the row's histogram (atomics, non-empty bins only). FP8 (e4m3) keys are widened
+   to the query dtype on load and the score is multiplied by the key's fp32 scale (exact:
+   ``relu(s * x) = s * relu(x)`` for ``s > 0``).
+2. ``_decode_compact``: every program reads the finished histogram, finds the bin holding the row's
+   ``topk``-th score, writes the keys of higher bins straight into the output and appends those of that
+   bin to a candidate buffer. Slots come from per-row atomic counters, so the order is arbitrary (any
+   order of a top-k set is valid, DESIGN §3).
+3. ``_decode_select``: one program per row finds the exact threshold among the candidates (8-bit radix
+   passes) and writes the candidates above it and, among those equal to it, the lowest positions (the
+   reference's tie rule; candidates are unordered, so the position cut-off is searched bitwise).
+
+The lengths are read on the device: no host sync, fixed launch shapes, so a CUDA graph replays a step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
+
+BITS = 12  # histogram bits of the first pass: 4096 bins, ~1/8-octave wide at the top-k threshold
+# Launch settings of the scoring kernel (keys per program, keys per step, warps, stages).
+SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 4, "num_stages": 3}
+COMPACT_BLOCK = 4096  # scores scanned per compaction program
+SELECT_BLOCK = 1024  # candidates per step of the final select
+
+
+@triton.jit
+def _row_bounds(LEN, START, b, t, T, HAS_START: tl.constexpr):
+    """Visible window ``[lo, hi]`` of query ``t`` of row ``b``: the new tokens are the last ``T`` keys."""
+    hi = tl.load(LEN + b) - T + t
+    lo = tl.load(START + b) if HAS_START else 0
+    return lo, hi
+
+
+@triton.jit
+def _decode_scores(
+    Q, K, KS, W, LEN, START, S, HIST,
+    sqb, sqt, sqh, skb, sks, sksb, swb, swt, ssr,
+    T, scale, H, D, SEG,
+    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NBITS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
+    only visible keys are written and counted in the row's histogram ``HIST [rows, 2**NBITS]``."""
+    t = tl.program_id(0)
+    b = tl.program_id(2)
+    row = (b * T + t).to(tl.int64)
+    lo, hi = _row_bounds(LEN, START, b, t, T, HAS_START)
+    seg0 = tl.program_id(1) * SEG
+    end = tl.minimum(seg0 + SEG, hi + 1)
+    begin = tl.maximum(seg0, lo // BLOCK_S * BLOCK_S)
+    hh = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(
+        Q + b.to(tl.int64) * sqb + t * sqt + hh[:, None] * sqh + d[None, :],
+        mask=(hh[:, None] < H) & (d[None, :] < D),
+        other=0.0,
+    )
+    wr = tl.load(W + b.to(tl.int64) * swb + t * swt + hh, mask=hh < H, other=0.0).to(tl.float32)
+    K += b.to(tl.int64) * skb
+    hist = tl.zeros([1 << NBITS], tl.int32)
+    for s0 in range(begin, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        k_ok = (s[None, :] < end) & (d[:, None] < D)
+        kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=k_ok, other=0.0)
+        dots = mma(q, kt.to(q.dtype), PRECISE, UPCAST)
+        score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0) * scale
+        if HAS_SCALE:
+            score *= tl.load(KS + b.to(tl.int64) * sksb + s, mask=s < end, other=0.0)
+        visible = (s >= lo) & (s < end)
+        tl.store(S + row * ssr + s, score, mask=visible)
+        hist += tl.histogram((_ordered_key(score) >> (32 - NBITS)).to(tl.int32), 1 << NBITS, mask=visible)
+    bins = tl.arange(0, 1 << NBITS)
+    tl.atomic_add(HIST + row * (1 << NBITS) + bins, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
+    """The histogram bin holding the row's ``TOPK``-th largest score (-1 when fewer keys are visible),
+    the number of keys in higher bins, and in that bin."""
+    bins = tl.arange(0, 1 << NBITS)
+    hist = tl.load(HIST + row * (1 << NBITS) + bins)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)
+    digit = tl.sum((at_or_above >= TOPK).to(tl.int32), 0) - 1
+    n_above = tl.sum(tl.where(bins > digit, hist, 0), 0)
+    n_bin = tl.sum(tl.where(bins == digit, hist, 0), 0)
+    return digit, n_above, n_bin
+
+
+@triton.jit
+def _decode_compact(
+    S, LEN, START, HIST, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
+):  # fmt: skip
+    """Block ``program_id(1)`` of row ``program_id(0)``: keys of bins above the threshold bin go to the
+    output, keys of that bin to the candidate buffers ``CS``/``CP``; slots from ``COUNT [rows, 2]``."""
+    row = tl.program_id(0)
+    lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
+    row = row.to(tl.int64)
+    digit, _, _ = _threshold_bin(HIST, row, TOPK, NBITS)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = (s >= lo) & (s <= hi)
+    bin_ = (_ordered_key(tl.load(S + row * ssr + s, mask=ok, other=0.0)) >> (32 - NBITS)).to(tl.int32)
+    above = ok & (bin_ > digit)
+    cand = ok & (bin_ == digit)
+    n_a = tl.sum(above.to(tl.int32), 0)
+    n_c = tl.sum(cand.to(tl.int32), 0)
+    if n_a > 0:
+        base = tl.atomic_add(COUNT + row * 2, n_a, sem="relaxed")
+        tl.store(OUT + row * sor + base + tl.cumsum(above.to(tl.int32), 0) - 1, s, mask=above)
+    if n_c > 0:
+        at = tl.atomic_add(COUNT + row * 2 + 1, n_c, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
+        tl.store(CS + row * scr + at, tl.load(S + row * ssr + s, mask=cand, other=0.0), mask=cand)
+        tl.store(CP + row * scr + at, s, mask=cand)
+
+
+@triton.jit
+def _decode_select(
+    LEN, START, HIST, OUT, CS, CP, sor, scr, T, TOPK,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``: the exact top of the threshold bin's candidates after the keys already
+    written (or the -1 padding when the row sees fewer than ``TOPK`` keys)."""
+    row = tl.program_id(0)
+    lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
+    row = row.to(tl.int64)
+    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+    out = OUT + row * sor
+    if digit < 0:  # every visible key is written: pad
+        n = tl.maximum(hi - lo + 1, 0)
+        for j0 in range(n, TOPK, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
+    else:
+        scores = CS + row * scr
+        pos = CP + row * scr
+        prefix = tl.zeros([1], tl.uint32)
+        pmask = tl.zeros([1], tl.uint32)
+        need = tl.full([1], TOPK, tl.int32) - n_above  # candidates still to take
+        for p in tl.static_range(4):
+            prefix, pmask, need = _digit_step(
+                _digit_histogram(scores, 0, n_bin, prefix, pmask, p, BLOCK), prefix, pmask, need, p
+            )
+        # ``prefix`` is the exact threshold; ``need`` of the candidates equal to it are taken.
+        cut = _tie_cutoff(scores, pos, n_bin, prefix, need, BLOCK)
+        taken = tl.zeros([1], tl.int32) + n_above
+        for j0 in range(0, n_bin, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(scores + j, mask=j < n_bin, other=0.0))
+            p_j = tl.load(pos + j, mask=j < n_bin, other=0)
+            keep = (j < n_bin) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
+            tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
+            taken += tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _tie_cutoff(scores, pos, n, threshold, need, BLOCK: tl.constexpr):
+    """Largest position to take among the candidates equal to ``threshold`` so that exactly ``need`` of
+    them (the lowest positions) are taken: the ``need``-th smallest such position, found bit by bit."""
+    n_eq = tl.zeros([1], tl.int32)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
+        n_eq += tl.sum(((j < n) & (key == threshold)).to(tl.int32), 0)
+    cut = tl.full([1], 2147483647, tl.int32)
+    if tl.sum(n_eq > need, 0) > 0:  # the bitwise search only when ties straddle the cut
+        cut = tl.zeros([1], tl.int32)
+        for bit in tl.static_range(31):
+            trial = cut | (1 << (30 - bit))
+            below = tl.zeros([1], tl.int32)
+            for j0 in range(0, n, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
+                p_j = tl.load(pos + j, mask=j < n, other=0)
+                below += tl.sum(((j < n) & (key == threshold) & (p_j < trial)).to(tl.int32), 0)
+            cut = tl.where(below < need, trial, cut)
+    return cut
+
+
+def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor:
+    """``[B, T, topk]`` int32 positions for the ``T`` newest tokens of each row (see ``select_topk_decode``).
+
+    ``q [B,T,H,D]``, ``k [B,C,D]`` (16/32-bit, or FP8 with ``k_scale [B,C]`` fp32), ``w [B,T,H]``,
+    ``lengths [B]`` int32 filled entries, ``key_start [B]`` int32 or None."""
+    batch, t, heads, dim = q.shape
+    capacity = k.shape[1]
+    rows = batch * t
+    gpu = q.device.type != "cpu"
+    launch = SCORE_LAUNCH if gpu else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16)
+    compact, select = (COMPACT_BLOCK, SELECT_BLOCK) if gpu else (16, 16)
+    dev = q.device
+    nbins = 1 << BITS
+    scratch = torch.zeros(rows * (nbins + 2), dtype=torch.int32, device=dev)  # one memset for both
+    hist, count = scratch[: rows * nbins].view(rows, nbins), scratch[rows * nbins :].view(rows, 2)
+    scores = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
+    cs = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
+    cp = torch.empty(rows, capacity, dtype=torch.int32, device=dev)
+    out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
+    start = lengths if key_start is None else key_start  # a placeholder pointer when there is no start
+    ks = k_scale if k_scale is not None else lengths
+    _decode_scores[(t, triton.cdiv(capacity, launch["SEG"]), batch)](
+        q, k, ks, w, lengths, start, scores, hist,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), ks.stride(0),
+        w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim, launch["SEG"],
+        BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
+        BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
+        HAS_START=key_start is not None, **dot_flags(q.dtype),
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )  # fmt: skip
+    _decode_compact[(rows, triton.cdiv(capacity, compact))](
+        scores, lengths, start, hist, count, out, cs, cp, scores.stride(0), topk, cs.stride(0), t, topk,
+        NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+    )  # fmt: skip
+    _decode_select[(rows,)](
+        lengths, start, hist, out, cs, cp, topk, cs.stride(0), t, topk,
+        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+    )  # fmt: skip
+    return out
