@@ -184,8 +184,10 @@ def _config(q: torch.Tensor, k: torch.Tensor, launch: dict):
     return groups, p, block_d, block_m, block_n
 
 
-# Fewer programs than this (decoding: a few tokens) split each token's slots over several programs.
+# Fewer programs than this (decoding: a few tokens) split each token's slots over several programs,
+# launched with ``SPLIT_LAUNCH`` (the H200 sweep's fastest for one token per row at batch 8, BENCHMARKS.md).
 MIN_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+SPLIT_LAUNCH = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
 def split_count(programs: int, ktop: int, block_n: int) -> int:
@@ -195,25 +197,42 @@ def split_count(programs: int, ktop: int, block_n: int) -> int:
     return max(1, min(triton.cdiv(ktop, block_n), MIN_PROGRAMS // programs))
 
 
-def _merge_splits(o_part, lse_part, splits, out_dtype):
-    """Combines per-split results ``[B, T*splits, H(, D)]`` with their log-sum-exps, flash-decoding style."""
-    batch, rows, hq, d = o_part.shape
-    o_part = o_part.view(batch, rows // splits, splits, hq, d)
-    lse_part = lse_part.view(batch, rows // splits, splits, hq)
-    lse = torch.logsumexp(lse_part, 2)
-    weight = torch.exp(lse_part - lse[:, :, None]).nan_to_num(0.0)  # all-empty token: -inf - -inf
-    return (weight[..., None] * o_part).sum(2).to(out_dtype), lse
+@triton.jit
+def _merge_splits(OP, LP, O, LSE, SPLITS, HQ, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token row, head): combines the ``SPLITS`` partial outputs ``OP`` and log-sum-exps ``LP``
+    (flash-decoding style) into ``O`` and ``LSE``; a token without any key gets 0 and ``-inf``."""
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    part = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(LP + (r * SPLITS + part) * HQ + h, mask=part < SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse - top)
+    total = tl.sum(weight, 0)
+    o = tl.load(
+        OP + ((r * SPLITS + part[:, None]) * HQ + h) * D + d[None, :],
+        mask=(part[:, None] < SPLITS) & (d[None, :] < D),
+        other=0.0,
+    )
+    o = tl.sum(o * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + (r * HQ + h) * D + d, o.to(O.dtype.element_ty), mask=d < D)
+    tl.store(LSE + r * HQ + h, tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
 
 
 def sparse_attention_fwd(q, k, v, indices, scale, plan: UnionPlan | None = None):
     """With a union ``plan``, its blocks go to the union kernel and the rest to this one."""
     batch, t, hq, d = q.shape
     hkv = k.shape[2]
-    groups, p, block_d, block_m, block_n = _config(q, k, FWD_LAUNCH)
+    groups, p, block_d, block_m, _ = _config(q, k, FWD_LAUNCH)
     if t == 0:
         return torch.empty_like(q), torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
     ktop = indices.shape[2]
-    splits = 1 if plan is not None else split_count(t * (hkv // p) * batch, ktop, block_n)
+    splits = (
+        1 if plan is not None else split_count(t * (hkv // p) * batch, ktop, _config(q, k, SPLIT_LAUNCH)[4])
+    )
+    launch = FWD_LAUNCH if splits == 1 else SPLIT_LAUNCH
+    block_n = _config(q, k, launch)[4]
     chunk = triton.cdiv(triton.cdiv(ktop, splits), block_n) * block_n
     rows = t * splits
     o = torch.empty_like(q) if splits == 1 else q.new_empty(batch, rows, hq, d, dtype=torch.float32)
@@ -226,11 +245,15 @@ def sparse_attention_fwd(q, k, v, indices, scale, plan: UnionPlan | None = None)
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         scale, ktop, chunk, d, triton.cdiv(t, QB),
         G=groups, P=p, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, HAS_SKIP=plan is not None,
-        SPLITS=splits, **dot_flags(q.dtype), num_warps=FWD_LAUNCH["num_warps"],
-        num_stages=FWD_LAUNCH["num_stages"],
+        SPLITS=splits, **dot_flags(q.dtype), num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     if splits > 1:
-        return _merge_splits(o, lse, splits, q.dtype)
+        out = q.new_empty(batch, t, hq, d)
+        merged = torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
+        _merge_splits[(batch * t, hq)](
+            o, lse, out, merged, splits, hq, d, BLOCK_P=triton.next_power_of_2(splits), BLOCK_D=block_d
+        )
+        return out, merged
     if plan is not None:
         union_attention_fwd(q, k, v, plan, o, lse, scale)
     return o, lse
