@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops._triton_utils import dot_flags, interpreting, mma
 
 SCORE_BYTES_PER_CHUNK = 1 << 30  # full path: fp32 scores of one chunk
 CANDIDATE_BYTES_PER_CHUNK = 1 << 30  # candidate path: (score, position) buffers of one chunk
@@ -113,6 +113,7 @@ def _index_scores(
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    STORE_ASM: tl.constexpr,
 ):  # fmt: skip
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
@@ -155,7 +156,8 @@ def _index_scores(
         score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
-            taken = _compact(S, POS, score, visible & (score >= thr[:, None]), taken, t, s_loc, sst)
+            keep = visible & (score >= thr[:, None])
+            taken = _compact(S, POS, score, keep, taken, t, s_loc, sst, BLOCK_S, STORE_ASM)
         else:
             tl.store(
                 S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
@@ -167,15 +169,53 @@ def _index_scores(
 
 
 @triton.jit
-def _compact(S, POS, score, keep, taken, t, s_loc, sst):
+def _popcount(x):
+    """Set bits of each uint32, in plain integer ops (ptxas turns them into one ``POPC``)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _store_where(ptr, value, keep, STORE_ASM: tl.constexpr):
+    """``tl.store(ptr, value, mask=keep)`` of 32-bit values. ``STORE_ASM`` (CUDA) issues it as a
+    predicated PTX store in the operands' own register layout: ``tl.store`` first moves pointer, value
+    and mask of the whole tile into a coalescing layout through shared memory, which for a tile where
+    few entries are kept cost more than the tile's tensor-core work."""
+    if STORE_ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r,r", [ptr, value.to(tl.int32, bitcast=True), keep.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.store(ptr, value, mask=keep)
+
+
+@triton.jit
+def _compact(S, POS, score, keep, taken, t, s_loc, sst, BLOCK_S: tl.constexpr, STORE_ASM: tl.constexpr):
     """Appends the kept (score, position) pairs of a tile to rows ``t`` of ``S``/``POS`` in key order;
-    returns the rows' new counts (entries past ``sst`` are counted, not written)."""
-    at = taken[:, None] + tl.cumsum(keep.to(tl.int32), 1) - 1
+    returns the rows' new counts (entries past ``sst`` are counted, not written). A kept entry's slot
+    is the number of kept entries before it in its row: each row's keep bits are gathered into 32-bit
+    words by a reduction and counted with popcounts, all in the tile's own layout (a ``tl.cumsum``
+    along the keys moved the tile through shared memory twice)."""
+    j = tl.arange(0, BLOCK_S)
+    bit = tl.full([BLOCK_S], 1, tl.uint32) << (j % 32).to(tl.uint32)
+    word = tl.zeros(keep.shape, tl.uint32)  # the keep bits of each entry's own word
+    before = taken[:, None] + tl.zeros(keep.shape, tl.int32)  # kept entries in earlier words
+    for w in tl.static_range((BLOCK_S + 31) // 32):
+        in_w = (j // 32) == w
+        bits_w = tl.sum(tl.where(keep & in_w[None, :], bit[None, :], 0), 1)
+        word = tl.where(in_w[None, :], bits_w[:, None], word)
+        before += tl.where((j // 32 > w)[None, :], _popcount(bits_w)[:, None], 0)
+        taken += _popcount(bits_w)
+    at = before + _popcount(word & (bit - 1)[None, :])
     dst = t[:, None].to(tl.int64) * sst + at
     fits = keep & (at < sst)
-    tl.store(S + dst, score, mask=fits)
-    tl.store(POS + dst, s_loc[None, :] + tl.zeros_like(at), mask=fits)
-    return taken + tl.sum(keep.to(tl.int32), 1)
+    _store_where(S + dst, score, fits, STORE_ASM)
+    _store_where(POS + dst, s_loc[None, :] + tl.zeros_like(at), fits, STORE_ASM)
+    return taken
 
 
 @triton.jit
@@ -369,10 +409,48 @@ def _radix_write(
 
 
 @triton.jit
+def _kth_largest_key(key, valid, k):
+    """The ``k``-th largest of the ``valid`` uint32 keys, bit by bit from the top: the largest value
+    with at least ``k`` keys at or above it. Bits shared by the smallest and largest key are skipped."""
+    lo = tl.min(tl.where(valid, key, 0xFFFFFFFF), 0)
+    hi = tl.max(tl.where(valid, key, 0), 0)
+    differ = lo ^ hi
+    free_bits = tl.zeros([], tl.int32)
+    for b in tl.static_range(32):  # bit length of ``differ`` (Triton has no count-leading-zeros)
+        free_bits += ((differ >> b) != 0).to(tl.int32)
+    found = tl.where(free_bits == 32, 0, lo & (0xFFFFFFFF << free_bits.to(tl.uint32)))
+    for bit in range(free_bits):
+        trial = found | (tl.full([], 1, tl.uint32) << (free_bits - 1 - bit).to(tl.uint32))
+        at_least = tl.sum((valid & (key >= trial)).to(tl.int32), 0)
+        found = tl.where(at_least >= k, trial, found)
+    return found
+
+
+@triton.jit
+def _select_block(scores, pos, count, out, shift, TOPK, BLOCK: tl.constexpr):
+    """Exact top-``TOPK`` of a row's ``count <= BLOCK`` candidates held in registers: the threshold by
+    ``_kth_largest_key``, then the keys above it and, in key order, as many ties as still fit."""
+    j = tl.arange(0, BLOCK)
+    valid = j < count
+    key = _ordered_key(tl.load(scores + j, mask=valid, other=0.0))
+    threshold = _kth_largest_key(key, valid, TOPK)
+    gt = valid & (key > threshold)
+    eq = valid & (key == threshold)
+    n_above = tl.sum(gt.to(tl.int32), 0)
+    slot_gt = tl.cumsum(gt.to(tl.int32), 0) - 1
+    slot_eq = n_above + tl.cumsum(eq.to(tl.int32), 0) - 1
+    src = tl.load(pos + j, mask=gt | eq, other=0) + shift
+    tl.store(out + slot_gt, src, mask=gt)
+    tl.store(out + slot_eq, src, mask=eq & (slot_eq < TOPK))
+
+
+@triton.jit
 def _select_candidates(CS, CP, COUNT, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
                        BLOCK: tl.constexpr):  # fmt: skip
     """Exact top-``TOPK`` of one row's candidates (key order), or a flag in ``FAIL`` when they cannot
-    contain it: fewer than ``min(TOPK, visible keys)``, or more than the ``CAP`` the buffer kept."""
+    contain it: fewer than ``min(TOPK, visible keys)``, or more than the ``CAP`` the buffer kept.
+    ``BLOCK`` (a power of two >= ``CAP``) candidates fit in registers; rows with at most half of them
+    take a half-size block, the common case (the threshold aims at ``CANDIDATE_FACTOR * topk``)."""
     row = tl.program_id(0)
     count = tl.load(COUNT + row)
     n = tl.load(HI + row) - tl.load(LO + row) + 1
@@ -388,16 +466,10 @@ def _select_candidates(CS, CP, COUNT, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOP
                 j = j0 + tl.arange(0, BLOCK)
                 src = tl.load(pos + j, mask=j < count, other=0)
                 tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
+        elif count <= BLOCK // 2:
+            _select_block(scores, pos, count, out, shift, TOPK, BLOCK // 2)
         else:
-            prefix = tl.zeros([1], tl.uint32)
-            pmask = tl.zeros([1], tl.uint32)
-            need = tl.full([1], TOPK, tl.int32)
-            for p in tl.static_range(4):
-                hist = _digit_histogram(scores, 0, count, prefix, pmask, p, BLOCK)
-                prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
-            zero = tl.zeros([1], tl.int32)
-            n_above = TOPK - need
-            _write_selected(scores, pos, 0, count, prefix, need, n_above, zero, zero, out, shift, True, BLOCK)
+            _select_block(scores, pos, count, out, shift, TOPK, BLOCK)
 
 
 def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
@@ -428,7 +500,8 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         dest.stride(0), dest.stride(1),
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        CANDIDATES=candidates is not None, PER_HEAD=candidates is not None, **dot_flags(q.dtype),
+        CANDIDATES=candidates is not None, PER_HEAD=candidates is not None,
+        STORE_ASM=gpu and not interpreting(), **dot_flags(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -469,7 +542,7 @@ def select_candidates(cs, cp, count, lo, hi, base, out) -> torch.Tensor:
     fail = torch.empty(batch, rows, device=cs.device, dtype=torch.int8)
     _select_candidates[(batch * rows,)](
         cs, cp, count, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2], cap,
-        BLOCK=1024 if cs.device.type != "cpu" else 16, num_warps=4,
+        BLOCK=triton.next_power_of_2(cap), num_warps=8 if cap > 2048 else 4,
     )  # fmt: skip
     return fail
 
