@@ -28,11 +28,11 @@ import triton.language as tl
 from keye_dsa.ops._triton_utils import dot_flags, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
-BITS = 12  # histogram bits of the first pass: 4096 bins, ~1/8-octave wide at the top-k threshold
+BITS = 11  # histogram bits of the first pass: 2048 bins, a quarter octave wide
 # Launch settings of the scoring kernel (keys per program, keys per step, warps, stages).
-SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 4, "num_stages": 3}
+SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
-SELECT_BLOCK = 1024  # candidates per step of the final select
+SELECT_BLOCK = 4096  # candidates per step of the final select
 
 
 @triton.jit
@@ -193,20 +193,21 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 
     ``q [B,T,H,D]``, ``k [B,C,D]`` (16/32-bit, or FP8 with ``k_scale [B,C]`` fp32), ``w [B,T,H]``,
     ``lengths [B]`` int32 filled entries, ``key_start [B]`` int32 or None."""
+    scores, hist, count = decode_scores(q, k, w, lengths, key_start, k_scale)
+    return decode_select(scores, hist, count, lengths, key_start, q.shape[1], topk)
+
+
+def decode_scores(q, k, w, lengths, key_start, k_scale):
+    """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only), their histograms ``[B*T, 2**BITS]`` and
+    the zeroed slot counters ``[B*T, 2]`` of the compaction."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
-    gpu = q.device.type != "cpu"
-    launch = SCORE_LAUNCH if gpu else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16)
-    compact, select = (COMPACT_BLOCK, SELECT_BLOCK) if gpu else (16, 16)
-    dev = q.device
+    launch = SCORE_LAUNCH if q.device.type != "cpu" else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16, num_warps=4)
     nbins = 1 << BITS
-    scratch = torch.zeros(rows * (nbins + 2), dtype=torch.int32, device=dev)  # one memset for both
+    scratch = torch.zeros(rows * (nbins + 2), dtype=torch.int32, device=q.device)  # one memset for both
     hist, count = scratch[: rows * nbins].view(rows, nbins), scratch[rows * nbins :].view(rows, 2)
-    scores = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
-    cs = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
-    cp = torch.empty(rows, capacity, dtype=torch.int32, device=dev)
-    out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
+    scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
     start = lengths if key_start is None else key_start  # a placeholder pointer when there is no start
     ks = k_scale if k_scale is not None else lengths
     _decode_scores[(t, triton.cdiv(capacity, launch["SEG"]), batch)](
@@ -218,6 +219,18 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
         HAS_START=key_start is not None, **dot_flags(q.dtype),
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
+    return scores, hist, count
+
+
+def decode_select(scores, hist, count, lengths, key_start, t, topk) -> torch.Tensor:
+    """Launches 2 and 3: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
+    rows, capacity = scores.shape
+    gpu = scores.device.type != "cpu"
+    compact, select = (COMPACT_BLOCK, SELECT_BLOCK) if gpu else (16, 16)
+    cs = torch.empty(rows, capacity, dtype=torch.float32, device=scores.device)
+    cp = torch.empty(rows, capacity, dtype=torch.int32, device=scores.device)
+    out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
+    start = lengths if key_start is None else key_start
     _decode_compact[(rows, triton.cdiv(capacity, compact))](
         scores, lengths, start, hist, count, out, cs, cp, scores.stride(0), topk, cs.stride(0), t, topk,
         NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
