@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from keye_dsa import indexer_kl_loss, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
 from keye_dsa.testing import rel_err
@@ -329,7 +330,8 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
 
     DSA runs on a preallocated cache of a larger capacity with the filled length as a device tensor
     (``select_topk_decode``), the way a graph-captured decoder keeps it; dense SDPA reads exactly the
-    filled keys. Both are timed eager and graphed, in the same run.
+    filled keys. Both are timed eager and graphed, in the same run; the index-key cache both in bf16
+    and in FP8 e4m3 with a per-key scale (``quantize_index_keys``).
     """
     b, s, hq, hkv, d, h_i, d_i, topk = (
         (2, 300, 8, 2, 16, 4, 16, 16) if smoke else (8, 131072, 32, 4, 128, 4, 128, 2048)
@@ -342,6 +344,7 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     qi = torch.randn(b, 1, h_i, d_i, device=dev, dtype=dt)
     ki = torch.randn(b, cap, d_i, device=dev, dtype=dt)
     w = torch.randn(b, 1, h_i, device=dev, dtype=torch.float32)
+    k8, k_scale = quantize_index_keys(ki)
     lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
     qt = q.transpose(1, 2)
     kt, vt = (x[:, :s].transpose(1, 2).contiguous() for x in (k, v))
@@ -353,6 +356,9 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     def select():
         return select_topk_decode(qi, ki, w, topk, lengths, validate=False)
 
+    def select_fp8():
+        return select_topk_decode(qi, k8, w, topk, lengths, k_scale=k_scale, validate=False)
+
     idx = select()
 
     def sparse():
@@ -361,6 +367,9 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     def dsa():
         return sparse_attention(q, k, v, select(), validate_indices=False)
 
+    def dsa_fp8():
+        return sparse_attention(q, k, v, select_fp8(), validate_indices=False)
+
     want = select_topk(qi, ki[:, :s], w, topk)
     record_check("decode: select_topk_decode == select_topk (same index sets)", float(
         not torch.equal(idx.sort(-1).values, want.sort(-1).values)), 0.5)  # fmt: skip
@@ -368,6 +377,10 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     picked = torch.gather(ref, 2, idx.long().clamp_min(0)).sort(-1).values
     record_check("decode: selected scores vs reference top-k", rel_err(picked, ref.topk(topk, -1).values.sort(
         -1).values), 1e-3)  # fmt: skip
+    deq = dequantize_index_keys(k8, k_scale)[:, :s]
+    want8 = select_topk_reference(qi, deq, w, topk)
+    record_check("decode: FP8 cache == reference on the dequantized keys (same index sets)", float(
+        not torch.equal(select_fp8().sort(-1).values, want8.sort(-1).values)), 0.5)  # fmt: skip
     record_check("decode: sparse output vs reference", rel_err(sparse(), sparse_attention_reference(
         q, k, v, idx, d**-0.5)[0]), 1e-2)  # fmt: skip
     label = f"decode (batch {b}, {s // 1024}K cache)"
@@ -379,7 +392,10 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
         return
     dense_g = timed(graphed(dense), reps)
     add(f"{label} dense SDPA graph", s, dense_g, TBps=kv_bytes / dense_g / 1e9)
-    parts = {"indexer + top-k": select, "sparse attention": sparse, "DSA": dsa}
+    parts = {
+        "indexer + top-k": select, "indexer + top-k, FP8 index keys": select_fp8, "sparse attention": sparse,
+        "DSA": dsa, "DSA, FP8 index keys": dsa_fp8,
+    }  # fmt: skip
     for name, fn in parts.items():
         ms = timed(graphed(fn), reps)
         add(f"{label} {name} graph", s, ms, speedup_vs_dense_graph=dense_g / ms)
