@@ -214,18 +214,20 @@ def main() -> None:
     record("previous: DSA step", old_dsa, vs_dense=dense / old_dsa)
 
     default_launch, default_bits = dict(dk.SCORE_LAUNCH), dk.BITS
-    variants = [  # (SEG, BLOCK_S, num_warps, num_stages, BITS); no cp.async pipelining is generated here
-        (2048, 64, 8, 3, 11), (4096, 64, 8, 3, 11), (1024, 64, 8, 3, 11), (2048, 64, 8, 3, 10),
-        (2048, 32, 4, 3, 11), (2048, 128, 4, 3, 11), (8192, 64, 8, 3, 11),
+    variants = [  # (SEG, BLOCK_S, num_warps, PREFETCH, BITS)
+        (2048, 64, 8, True, 11), (2048, 64, 8, False, 11), (4096, 64, 8, True, 11), (2048, 32, 4, True, 11),
+        (2048, 128, 8, False, 11), (1024, 64, 8, True, 11), (2048, 64, 8, True, 10), (8192, 64, 8, True, 11),
     ]  # fmt: skip
     if args.smoke:
         variants = variants[:2]
     best = {}
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
-        for seg, block_s, warps, stages, bits in variants if kind == "bf16" else variants[:4]:
-            dk.SCORE_LAUNCH.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, num_stages=stages)
+        for seg, block_s, warps, prefetch, bits in variants if kind == "bf16" else variants[:5]:
+            dk.SCORE_LAUNCH.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, PREFETCH=prefetch)
             dk.BITS = bits
-            name = f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} bits={bits}"
+            name = (
+                f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} prefetch={int(prefetch)} bits={bits}"
+            )
             try:
                 got = select_topk_decode(qi, keys, w, topk, lengths, k_scale=ks, validate=False)
                 bad = set_equal(got, expected[kind]) if kind in expected else -1

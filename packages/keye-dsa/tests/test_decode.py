@@ -6,6 +6,9 @@ import torch
 from keye_dsa import select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import select_topk_reference
+from keye_dsa.ops.sparse_attention import triton_kernel as sparse_kernel
+from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
+from keye_dsa.testing import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -113,6 +116,23 @@ def test_a_decode_step_on_the_static_cache_equals_attention_on_the_filled_part(f
         sel = select_topk(q[r : r + 1], ki[r : r + 1, :n], w[r : r + 1], 16)
         want = sparse_attention(qa[r : r + 1], kv[0, r : r + 1, :n], kv[1, r : r + 1, :n], sel)
         torch.testing.assert_close(out[r : r + 1], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_decode_merges_many_partials(force_impl, monkeypatch, dtype):
+    """19 slot splits per token (more than one merge step of 16), -1 slots, a token without any key."""
+    force_impl("triton")
+    monkeypatch.setattr(sparse_kernel, "MIN_PROGRAMS", 10**6)
+    monkeypatch.setitem(sparse_kernel.SPLIT_LAUNCH, "BLOCK_N", 16)
+    g = torch.Generator().manual_seed(41)
+    q = torch.randn(2, 1, 8, 16, generator=g, dtype=dtype).to(DEVICE)
+    k, v = torch.randn(2, 2, 400, 2, 16, generator=g, dtype=dtype).to(DEVICE)
+    idx = torch.randint(-1, 400, (2, 1, 300), generator=g, dtype=torch.int32).to(DEVICE)
+    idx[1, 0] = -1
+    o, lse = sparse_attention(q, k, v, idx, return_lse=True)
+    o_ref, lse_ref = sparse_attention_reference(q, k, v, idx, 16**-0.5)
+    assert rel_err(o, o_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(lse[0], lse_ref[0]) < 1e-5 and bool(torch.isneginf(lse[1]).all()) and not o[1].any()
 
 
 def test_clear_errors():

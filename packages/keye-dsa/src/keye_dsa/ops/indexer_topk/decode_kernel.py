@@ -29,8 +29,9 @@ from keye_dsa.ops._triton_utils import dot_flags, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
 BITS = 11  # histogram bits of the first pass: 2048 bins, a quarter octave wide
-# Launch settings of the scoring kernel (keys per program, keys per step, warps, stages).
-SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
+# Launch settings of the scoring kernel: keys per program, keys per step, warps, and whether the next
+# step's keys are loaded before this step's math (Triton does not software-pipeline this loop).
+SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": True}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
 SELECT_BLOCK = 4096  # candidates per step of the final select
 
@@ -44,12 +45,23 @@ def _row_bounds(LEN, START, b, t, T, HAS_START: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(K, KS, s0, end, sks, d, D, BLOCK_S: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Keys ``[s0, s0 + BLOCK_S)`` below ``end`` as a ``[BLOCK_D, BLOCK_S]`` tile, and their scales."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=(s[None, :] < end) & (d[:, None] < D),
+                 other=0.0)  # fmt: skip
+    ks = tl.load(KS + s, mask=s < end, other=0.0) if HAS_SCALE else tl.zeros([BLOCK_S], tl.float32)
+    return kt, ks
+
+
+@triton.jit
 def _decode_scores(
     Q, K, KS, W, LEN, START, S, HIST,
     sqb, sqt, sqh, skb, sks, sksb, swb, swt, ssr,
     T, scale, H, D, SEG,
     BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NBITS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
     only visible keys are written and counted in the row's histogram ``HIST [rows, 2**NBITS]``."""
@@ -69,15 +81,21 @@ def _decode_scores(
     )
     wr = tl.load(W + b.to(tl.int64) * swb + t * swt + hh, mask=hh < H, other=0.0).to(tl.float32)
     K += b.to(tl.int64) * skb
+    KS += b.to(tl.int64) * sksb
     hist = tl.zeros([1 << NBITS], tl.int32)
+    kt, ks = _key_tile(K, KS, begin, end, sks, d, D, BLOCK_S, HAS_SCALE)
     for s0 in range(begin, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        k_ok = (s[None, :] < end) & (d[:, None] < D)
-        kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=k_ok, other=0.0)
+        if PREFETCH:  # the next tile's loads are in flight during this tile's math (no cp.async here)
+            kt_next, ks_next = _key_tile(K, KS, s0 + BLOCK_S, end, sks, d, D, BLOCK_S, HAS_SCALE)
+        else:
+            kt, ks = _key_tile(K, KS, s0, end, sks, d, D, BLOCK_S, HAS_SCALE)
         dots = mma(q, kt.to(q.dtype), PRECISE, UPCAST)
         score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0) * scale
         if HAS_SCALE:
-            score *= tl.load(KS + b.to(tl.int64) * sksb + s, mask=s < end, other=0.0)
+            score *= ks
+        if PREFETCH:
+            kt, ks = kt_next, ks_next
         visible = (s >= lo) & (s < end)
         tl.store(S + row * ssr + s, score, mask=visible)
         hist += tl.histogram((_ordered_key(score) >> (32 - NBITS)).to(tl.int32), 1 << NBITS, mask=visible)
@@ -216,8 +234,8 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
         w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim, launch["SEG"],
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
-        HAS_START=key_start is not None, **dot_flags(q.dtype),
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        HAS_START=key_start is not None, **dot_flags(q.dtype), PREFETCH=launch["PREFETCH"],
+        num_warps=launch["num_warps"],
     )  # fmt: skip
     return scores, hist, count
 

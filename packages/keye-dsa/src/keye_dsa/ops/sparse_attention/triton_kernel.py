@@ -198,9 +198,11 @@ def split_count(programs: int, ktop: int, block_n: int) -> int:
 
 
 @triton.jit
-def _merge_splits(OP, LP, O, LSE, SPLITS, HQ, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_splits(OP, LP, O, LSE, SPLITS, HQ, D, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                  STEP: tl.constexpr):  # fmt: skip
     """Program (token row, head): combines the ``SPLITS`` partial outputs ``OP`` and log-sum-exps ``LP``
-    (flash-decoding style) into ``O`` and ``LSE``; a token without any key gets 0 and ``-inf``."""
+    (flash-decoding style) into ``O`` and ``LSE``, ``STEP`` partials at a time; a token without any key
+    gets 0 and ``-inf``."""
     r = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     part = tl.arange(0, BLOCK_P)
@@ -208,15 +210,21 @@ def _merge_splits(OP, LP, O, LSE, SPLITS, HQ, D, BLOCK_P: tl.constexpr, BLOCK_D:
     lse = tl.load(LP + (r * SPLITS + part) * HQ + h, mask=part < SPLITS, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(lse - top)
-    total = tl.sum(weight, 0)
-    o = tl.load(
-        OP + ((r * SPLITS + part[:, None]) * HQ + h) * D + d[None, :],
-        mask=(part[:, None] < SPLITS) & (d[None, :] < D),
-        other=0.0,
-    )
-    o = tl.sum(o * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(O + (r * HQ + h) * D + d, o.to(O.dtype.element_ty), mask=d < D)
+    total = tl.sum(tl.exp(lse - top), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for p0 in range(0, SPLITS, STEP):
+        part = p0 + tl.arange(0, STEP)
+        weight = tl.exp(
+            tl.load(LP + (r * SPLITS + part) * HQ + h, mask=part < SPLITS, other=float("-inf")) - top
+        )
+        o = tl.load(
+            OP + ((r * SPLITS + part[:, None]) * HQ + h) * D + d[None, :],
+            mask=(part[:, None] < SPLITS) & (d[None, :] < D),
+            other=0.0,
+        )
+        acc += tl.sum(o * weight[:, None], 0)
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + (r * HQ + h) * D + d, out.to(O.dtype.element_ty), mask=d < D)
     tl.store(LSE + r * HQ + h, tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
 
 
@@ -251,8 +259,9 @@ def sparse_attention_fwd(q, k, v, indices, scale, plan: UnionPlan | None = None)
         out = q.new_empty(batch, t, hq, d)
         merged = torch.empty(batch, t, hq, device=q.device, dtype=torch.float32)
         _merge_splits[(batch * t, hq)](
-            o, lse, out, merged, splits, hq, d, BLOCK_P=triton.next_power_of_2(splits), BLOCK_D=block_d
-        )
+            o, lse, out, merged, splits, hq, d, BLOCK_P=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            STEP=min(16, triton.next_power_of_2(splits)),
+        )  # fmt: skip
         return out, merged
     if plan is not None:
         union_attention_fwd(q, k, v, plan, o, lse, scale)
