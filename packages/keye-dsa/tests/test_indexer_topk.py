@@ -78,7 +78,7 @@ def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(dtype):
     g = torch.Generator().manual_seed(1)
     thr = ref.clamp_min(-1e30).gather(2, torch.randint(0, 16, (b, t, 1), generator=g).to(DEVICE))[..., 0]
     thr[0, :3] = float("-inf")  # every visible key
-    cs, cp, count = triton_kernel.score_candidates(q, k, w, lo, hi, 0, s, thr.contiguous(), topk)
+    cs, cp, count, _ = triton_kernel.score_candidates(q, k, w, lo, hi, 0, s, thr.contiguous(), topk)
     cap = cs.shape[-1]
     for bi in range(b):
         for ti in range(t):
@@ -120,6 +120,24 @@ def test_candidate_path_and_its_fallbacks(force_impl, monkeypatch, case):
         assert flagged[0] < 60 // 2  # most rows settled by the candidates
     else:
         assert flagged[0] > 0
+
+
+def test_a_buffer_full_of_ties_settles_without_the_full_path(force_impl, monkeypatch):
+    """All scores equal: far more candidates than the buffer holds, all tied with the k-th largest.
+    Those that did not fit come later in key order, so the buffer alone decides: no row is redone."""
+    force_impl("triton")
+    monkeypatch.setattr(triton_kernel, "CANDIDATE_MIN_ROWS", 1)
+    flagged = []
+    settle = triton_kernel.settle_fallbacks
+    monkeypatch.setattr(
+        triton_kernel, "settle_fallbacks", lambda *a: flagged.append(int(a[-1].sum())) or settle(*a)
+    )
+    q, k, w = _inputs(1, 70, 70, 4, 16, torch.float32, seed=4)
+    idx = select_topk(q, torch.zeros_like(k), w, 5)  # every score is exactly 0
+    assert flagged == [0]
+    want = torch.arange(5, device=DEVICE).expand(70, 5).clone()
+    want[:4] = torch.where(want[:4] <= torch.arange(4, device=DEVICE)[:, None], want[:4], -1)
+    assert torch.equal(idx[0].long(), want)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

@@ -45,6 +45,7 @@ CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows take the full path
 CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
+THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest at 128K and 256K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
 CANDIDATE_LAUNCH = {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
@@ -108,7 +109,7 @@ def _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D,
 
 @triton.jit
 def _index_scores(
-    Q, K, W, LO, HI, THR, S, POS, COUNT,
+    Q, K, W, LO, HI, THR, S, POS, COUNT, DROPPED,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -118,8 +119,8 @@ def _index_scores(
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
     window position) pairs at or above ``THR`` to row buffers ``S``/``POS`` (``sst`` entries each),
-    counts in ``COUNT``. Otherwise writes key tile ``program_id(1)`` of the fp32 score rows ``S``
-    (``-inf`` where not visible)."""
+    counts in ``COUNT``, the largest score that did not fit in ``DROPPED``. Otherwise writes key tile
+    ``program_id(1)`` of the fp32 score rows ``S`` (``-inf`` where not visible)."""
     pid_t = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
@@ -138,6 +139,9 @@ def _index_scores(
         POS += b * ssb
         thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
         taken = tl.zeros([BLOCK_T], tl.int32)
+        dropped = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        lo_max = tl.max(tl.where(t_ok, lo, 0), 0)
+        hi_min = tl.min(tl.where(t_ok, hi, 2147483647), 0)
     else:
         start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
         stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
@@ -156,8 +160,11 @@ def _index_scores(
         score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
-            keep = visible & (score >= thr[:, None])
-            taken = _compact(S, POS, score, keep, taken, t, s_loc, sst, BLOCK_S, STORE_ASM)
+            if (s0 >= lo_max) & (s0 + BLOCK_S <= hi_min + 1):  # every row sees the whole tile
+                keep = score >= thr[:, None]
+            else:
+                keep = visible & (score >= thr[:, None])
+            taken, dropped = _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S, STORE_ASM)
         else:
             tl.store(
                 S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
@@ -166,6 +173,7 @@ def _index_scores(
             )
     if CANDIDATES:
         tl.store(COUNT + b * n_rows + t, taken, mask=t_ok)
+        tl.store(DROPPED + b * n_rows + t, dropped, mask=t_ok)
 
 
 @triton.jit
@@ -194,9 +202,11 @@ def _store_where(ptr, value, keep, STORE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _compact(S, POS, score, keep, taken, t, s_loc, sst, BLOCK_S: tl.constexpr, STORE_ASM: tl.constexpr):
+def _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S: tl.constexpr,
+             STORE_ASM: tl.constexpr):  # fmt: skip
     """Appends the kept (score, position) pairs of a tile to rows ``t`` of ``S``/``POS`` in key order;
-    returns the rows' new counts (entries past ``sst`` are counted, not written). A kept entry's slot
+    returns the rows' new counts and the largest score of the entries past ``sst`` (counted, not
+    written). A kept entry's slot
     is the number of kept entries before it in its row: each row's keep bits are gathered into 32-bit
     words by a reduction and counted with popcounts, all in the tile's own layout (a ``tl.cumsum``
     along the keys moved the tile through shared memory twice)."""
@@ -215,7 +225,8 @@ def _compact(S, POS, score, keep, taken, t, s_loc, sst, BLOCK_S: tl.constexpr, S
     fits = keep & (at < sst)
     _store_where(S + dst, score, fits, STORE_ASM)
     _store_where(POS + dst, s_loc[None, :] + tl.zeros_like(at), fits, STORE_ASM)
-    return taken
+    dropped = tl.maximum(dropped, tl.max(tl.where(keep & ~fits, score, float("-inf")), 1))
+    return taken, dropped
 
 
 @triton.jit
@@ -244,7 +255,9 @@ def _sample_threshold(
 ):  # fmt: skip
     """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
     (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
-    sees at most ``RANK`` keys or no sample. Samples: window positions ``j * width // M``."""
+    sees at most ``RANK`` keys or no sample. Samples: window positions ``j * width // M``. Only the top
+    ``THRESHOLD_BITS`` bits of that score are searched (the rest are zero: a slightly lower threshold,
+    within 2^-7 of the score at 16 bits); an estimate needs no more, and each bit costs a pass."""
     pid_t = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
@@ -274,7 +287,7 @@ def _sample_threshold(
     n = hi - lo + 1
     rank = ((RANK * m.to(tl.int64) + n - 1) // tl.maximum(n, 1)).to(tl.int32)
     found = tl.zeros([BLOCK_T], tl.uint32)
-    for bit in tl.static_range(32):
+    for bit in tl.static_range(THRESHOLD_BITS):
         trial = found | (tl.full([BLOCK_T], 1, tl.uint32) << (31 - bit))
         at_least = tl.sum((key >= trial[:, None]).to(tl.int32), 1)
         found = tl.where(at_least >= rank, trial, found)
@@ -410,92 +423,87 @@ def _radix_write(
 
 @triton.jit
 def _kth_largest_key(key, valid, k):
-    """The ``k``-th largest of the ``valid`` uint32 keys, bit by bit from the top: the largest value
-    with at least ``k`` keys at or above it. Bits shared by the smallest and largest key are skipped."""
+    """The ``k``-th largest of the ``valid`` uint32 keys and how many keys lie above it, bit by bit from
+    the top: the largest value with at least ``k`` keys at or above it. Bits shared by the smallest and
+    largest key are skipped, and the search stops once exactly ``k`` keys are at or above the prefix
+    found (then no key ties with the k-th: the prefix selects the same keys)."""
     lo = tl.min(tl.where(valid, key, 0xFFFFFFFF), 0)
     hi = tl.max(tl.where(valid, key, 0), 0)
     differ = lo ^ hi
     free_bits = tl.zeros([], tl.int32)
     for b in tl.static_range(32):  # bit length of ``differ`` (Triton has no count-leading-zeros)
         free_bits += ((differ >> b) != 0).to(tl.int32)
-    found = tl.where(free_bits == 32, 0, lo & (0xFFFFFFFF << free_bits.to(tl.uint32)))
-    for bit in range(free_bits):
-        trial = found | (tl.full([], 1, tl.uint32) << (free_bits - 1 - bit).to(tl.uint32))
+    found = tl.where(free_bits == 32, 0, lo & (0xFFFFFFFF << free_bits.to(tl.uint32))).to(tl.uint32)
+    at_found = tl.sum(valid.to(tl.int32), 0)
+    bit = free_bits
+    while (bit > 0) & (at_found != k):
+        bit -= 1
+        trial = found | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
         at_least = tl.sum((valid & (key >= trial)).to(tl.int32), 0)
         found = tl.where(at_least >= k, trial, found)
-    return found
+        at_found = tl.where(at_least >= k, at_least, at_found)
+    return found, tl.sum((valid & (key > found)).to(tl.int32), 0)
 
 
 @triton.jit
-def _select_block(scores, pos, count, out, shift, TOPK, BLOCK: tl.constexpr):
-    """Exact top-``TOPK`` of a row's ``count <= BLOCK`` candidates held in registers: the threshold by
-    ``_kth_largest_key``, then the keys above it and, in key order, as many ties as still fit."""
-    j = tl.arange(0, BLOCK)
-    valid = j < count
-    key = _ordered_key(tl.load(scores + j, mask=valid, other=0.0))
-    threshold = _kth_largest_key(key, valid, TOPK)
-    gt = valid & (key > threshold)
-    eq = valid & (key == threshold)
-    n_above = tl.sum(gt.to(tl.int32), 0)
-    slot_gt = tl.cumsum(gt.to(tl.int32), 0) - 1
-    slot_eq = n_above + tl.cumsum(eq.to(tl.int32), 0) - 1
-    src = tl.load(pos + j, mask=gt | eq, other=0) + shift
-    tl.store(out + slot_gt, src, mask=gt)
-    tl.store(out + slot_eq, src, mask=eq & (slot_eq < TOPK))
-
-
-@triton.jit
-def _select_candidates(CS, CP, COUNT, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
-                       BLOCK: tl.constexpr):  # fmt: skip
+def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
+                       BLOCK: tl.constexpr, WRITE_BLOCK: tl.constexpr):  # fmt: skip
     """Exact top-``TOPK`` of one row's candidates (key order), or a flag in ``FAIL`` when they cannot
-    contain it: fewer than ``min(TOPK, visible keys)``, or more than the ``CAP`` the buffer kept.
-    ``BLOCK`` (a power of two >= ``CAP``) candidates fit in registers; rows with at most half of them
-    take a half-size block, the common case (the threshold aims at ``CANDIDATE_FACTOR * topk``)."""
+    contain it: fewer than ``min(TOPK, visible keys)``, or a candidate that did not fit in the ``CAP``
+    buffer (``DROPPED``) above the k-th largest of those that did. Dropped candidates come after the
+    kept ones in key order, so ties with the k-th largest among them never win a slot: a buffer full
+    of ties (e.g. exact zeros) still settles its row. The keys (``BLOCK >= CAP``) are searched in
+    registers; the keys above the threshold and, in key order, the ties that fit are then written."""
     row = tl.program_id(0)
     count = tl.load(COUNT + row)
     n = tl.load(HI + row) - tl.load(LO + row) + 1
-    ok = (count >= tl.minimum(n, TOPK)) & (count <= CAP)
+    ok = count >= tl.minimum(n, TOPK)
+    out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
+    scores = CS + row.to(tl.int64) * CAP
+    pos = CP + row.to(tl.int64) * CAP
+    shift = -tl.load(BASE + row)
+    if ok & (count <= TOPK):  # every visible key is a candidate: all of them, then -1 padding
+        for j0 in range(0, TOPK, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            src = tl.load(pos + j, mask=j < count, other=0)
+            tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
+    elif ok:
+        kept = tl.minimum(count, CAP)
+        j = tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + j, mask=j < kept, other=0.0))
+        threshold, n_above = _kth_largest_key(key, j < kept, TOPK)
+        ok = _ordered_key(tl.load(DROPPED + row)) <= threshold
+        if ok:
+            zero = tl.zeros([1], tl.int32)
+            _write_selected(scores, pos, 0, kept, threshold, TOPK - n_above, n_above, zero, zero, out, shift,
+                            True, WRITE_BLOCK)  # fmt: skip
     tl.store(FAIL + row, (~ok).to(tl.int8))
-    if ok:
-        out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
-        scores = CS + row.to(tl.int64) * CAP
-        pos = CP + row.to(tl.int64) * CAP
-        shift = -tl.load(BASE + row)
-        if count <= TOPK:  # every visible key is a candidate: all of them, then -1 padding
-            for j0 in range(0, TOPK, BLOCK):
-                j = j0 + tl.arange(0, BLOCK)
-                src = tl.load(pos + j, mask=j < count, other=0)
-                tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
-        elif count <= BLOCK // 2:
-            _select_block(scores, pos, count, out, shift, TOPK, BLOCK // 2)
-        else:
-            _select_block(scores, pos, count, out, shift, TOPK, BLOCK)
 
 
 def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
     """``_index_scores`` over the queries of ``q``: dense fp32 rows ``dest [B, Tc, width]``, or with
-    ``candidates = (thr, pos, count)`` the candidate buffers ``dest``/``pos`` ``[B, Tc, cap]``."""
+    ``candidates = (thr, pos, count, dropped)`` the candidate buffers ``dest``/``pos`` ``[B, Tc, cap]``."""
     batch, rows, heads, dim = q.shape
     gpu = q.device.type != "cpu"
     block_h = triton.next_power_of_2(heads)
     block_d = triton.next_power_of_2(dim)
     wide = q.element_size() > 2  # 32-bit tiles: half the tile in the same shared memory
     if candidates is None:
-        thr = pos = count = dest
+        thr = pos = count = dropped = dest
         block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
         # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
         # worth keeps registers and shared memory small, so more key tiles are in flight.
         block_t = min(block_t, max(16 // block_h, triton.next_power_of_2(rows)))
         warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
     else:
-        thr, pos, count = candidates
+        thr, pos, count, dropped = candidates
         launch = CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH
         if not gpu:
             launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
         block_t, block_s = launch["BLOCK_T"], launch["BLOCK_S"]
         warps, stages, key_tiles = launch["num_warps"], launch["num_stages"], 1
     _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
-        q, k, w, lo, hi, thr, dest, pos, count,
+        q, k, w, lo, hi, thr, dest, pos, count, dropped,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         dest.stride(0), dest.stride(1),
         k0, rows, width, dim**-0.5, heads, dim,
@@ -526,23 +534,26 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
 
 
 def score_candidates(q, k, w, lo, hi, k0, width, thr, topk):
-    """Stage 2: ``(scores, positions, counts)``, candidate buffers ``[B, Tc, cap]`` and counts ``[B, Tc]``."""
+    """Stage 2: ``(scores, positions, counts, dropped)``: candidate buffers ``[B, Tc, cap]``, counts and
+    the largest score of the candidates that did not fit, ``[B, Tc]``."""
     batch, rows = q.shape[:2]
     cap = CANDIDATES_PER_TOPK * topk
     cs = torch.empty(batch, rows, cap, device=q.device, dtype=torch.float32)
     cp = torch.empty(batch, rows, cap, device=q.device, dtype=torch.int32)
     count = torch.empty(batch, rows, device=q.device, dtype=torch.int32)
-    _launch_scores(q, k, w, lo, hi, k0, width, cs, (thr, cp, count))
-    return cs, cp, count
+    dropped = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
+    _launch_scores(q, k, w, lo, hi, k0, width, cs, (thr, cp, count, dropped))
+    return cs, cp, count, dropped
 
 
-def select_candidates(cs, cp, count, lo, hi, base, out) -> torch.Tensor:
+def select_candidates(cs, cp, count, dropped, lo, hi, base, out) -> torch.Tensor:
     """Stage 3: writes the settled rows into ``out``; returns the ``[B, Tc]`` flags of the others."""
     batch, rows, cap = cs.shape
     fail = torch.empty(batch, rows, device=cs.device, dtype=torch.int8)
     _select_candidates[(batch * rows,)](
-        cs, cp, count, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2], cap,
-        BLOCK=triton.next_power_of_2(cap), num_warps=8 if cap > 2048 else 4,
+        cs, cp, count, dropped, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2],
+        cap, BLOCK=triton.next_power_of_2(cap), WRITE_BLOCK=1024 if cs.device.type != "cpu" else 16,
+        num_warps=8 if cap > 2048 else 4,
     )  # fmt: skip
     return fail
 
@@ -566,8 +577,8 @@ def topk_chunk(
     topk = out.shape[2]
     if candidates:
         thr = sample_thresholds(q, k, w, lo_w, hi_w, k0, k1 - k0, topk)
-        cs, cp, count = score_candidates(q, k, w, lo_w, hi_w, k0, k1 - k0, thr, topk)
-        return select_candidates(cs, cp, count, lo_w, hi_w, base - k0, out)
+        candidates = score_candidates(q, k, w, lo_w, hi_w, k0, k1 - k0, thr, topk)
+        return select_candidates(*candidates, lo_w, hi_w, base - k0, out)
     scores = torch.empty(q.shape[0], q.shape[1], k1 - k0, device=q.device, dtype=torch.float32)
     _launch_scores(q, k, w, lo_w, hi_w, k0, k1 - k0, scores)
     _radix_select(scores.view(-1, k1 - k0), lo_w.view(-1), hi_w.view(-1), base.view(-1), out, q.shape[1], k0)
