@@ -213,13 +213,13 @@ def _merge_splits(OP, LP, O, LSE, SPLITS, HQ, D, BLOCK_P: tl.constexpr, BLOCK_D:
     total = tl.sum(tl.exp(lse - top), 0)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for p0 in range(0, SPLITS, STEP):
-        part = p0 + tl.arange(0, STEP)
+        step = p0 + tl.arange(0, STEP)
         weight = tl.exp(
-            tl.load(LP + (r * SPLITS + part) * HQ + h, mask=part < SPLITS, other=float("-inf")) - top
+            tl.load(LP + (r * SPLITS + step) * HQ + h, mask=step < SPLITS, other=float("-inf")) - top
         )
         o = tl.load(
-            OP + ((r * SPLITS + part[:, None]) * HQ + h) * D + d[None, :],
-            mask=(part[:, None] < SPLITS) & (d[None, :] < D),
+            OP + ((r * SPLITS + step[:, None]) * HQ + h) * D + d[None, :],
+            mask=(step[:, None] < SPLITS) & (d[None, :] < D),
             other=0.0,
         )
         acc += tl.sum(o * weight[:, None], 0)
