@@ -3,8 +3,10 @@
 A tuning companion to ``bench_moe.py`` (whose block table goes to BENCHMARKS.md): at the Qwen3-30B-A3B
 shape it checks the fused router, the plan kernels and the Triton experts against their references on
 the GPU, then times each forward part (router, plan, gate/up kernel, down kernel, k-sum) next to the
-bare ``F.grouped_mm`` GEMM of the same part, profiles one block forward+backward, and sweeps tile
-configurations of the two forward kernels (the gate/up one with and without TMA weight loads).
+bare ``F.grouped_mm`` GEMM of the same part, lists every kernel of one block forward (and of one
+forward+backward) with its time, and sweeps the two forward GEMM kernels over tile configurations and
+launch forms: a program per tile, or a persistent grid of one (two) programs per SM, the tile and k
+loops flattened into one pipelined loop or not.
 
 Usage: python bench_moe_parts.py [--quick] [--out parts.json]; ``--quick`` (or no GPU) runs tiny shapes
 in the Triton interpreter to check the script.
@@ -27,46 +29,85 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_moe import CUDA, DEV, bench, ensure_plugins, expert_case, random_block, rel
 
 from keye_moe.experts.loop import loop_experts
-from keye_moe.experts.routing import dispatch, weighted_sum
+from keye_moe.experts.routing import dispatch
 from keye_moe.experts.triton import function as TF
 from keye_moe.experts.triton import kernels as K
 from keye_moe.experts.triton.plan import make_plan, reference_plan
 from keye_moe.layers.topk_softmax import reference_topk_softmax
 
-GATE_UP_SWEEP = [
-    (64, 64, 4, 4),
-    (64, 64, 8, 4),
-    (128, 64, 8, 3),
-    (128, 64, 8, 4),
-    (64, 128, 8, 3),
-    (128, 32, 8, 5),
+FORMS = [(None, False), (1, False), (1, True), (2, True)]  # (programs per SM or one per tile, flatten)
+# (kernel, tiles (BLOCK_N, BLOCK_K, warps, stages), TMA for the down kernel's operands), most telling first
+SWEEP = [
+    ("down", (256, 64, 8, 3), True),
+    ("down", (256, 64, 8, 3), False),
+    ("gate_up", (128, 32, 8, 5), True),
+    ("down", (128, 64, 8, 3), True),
+    ("gate_up", (128, 64, 8, 3), True),
+    ("down", (128, 64, 8, 3), False),
+    ("gate_up", (128, 32, 8, 6), True),
+    ("down", (256, 32, 8, 5), True),
+    ("down", (256, 64, 8, 4), True),
 ]
-DOWN_SWEEP = [
-    (128, 64, 8, 3),
-    (128, 64, 4, 4),
-    (256, 64, 8, 3),
-    (128, 128, 8, 3),
-    (256, 64, 8, 4),
-    (256, 32, 8, 5),
+PINNED = {"gate_up": (128, 32, 8, 5), "down": (256, 64, 8, 3)}  # the 2026-11-29 winners
+# block timings: (label, launch form, TMA for the down kernel); the first is the 2026-11-29 kernel
+BLOCK_FORMS = [
+    ("program per tile, down by pointers", (None, False), False),
+    ("persistent flattened, down by pointers", (1, True), False),
+    ("persistent flattened, down by TMA", (1, True), True),
+    ("persistent, down by TMA", (1, False), True),
 ]
 
 
 @contextlib.contextmanager
-def setup(kernel=None, config=None, tma: bool | None = None):
-    """Restrict ``kernel`` to one config (no autotuning) and/or force TMA on or off, for the block."""
-    saved_tma = K.tma_ok
+def setup(kernel=None, config=None, tma: bool | None = None, form=None, down_tma: bool | None = None):
+    """Restrict ``kernel`` to one config (no autotuning), force TMA on or off (everywhere, or only for the
+    two-operand checks of ``grouped_gemm_kernel``), and/or pick the launch form ``(programs per SM or
+    None, flatten)``, for the block."""
+    saved_tma, saved_form = K.tma_ok, (TF.PROGRAMS_PER_SM, TF.FLATTEN)
     saved = kernel.configs if kernel is not None else None
     if config is not None:
         bn, bk, warps, stages = config
         kernel.configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)]
     if tma is False:
         K.tma_ok = lambda *tensors: False
+    if down_tma is False:
+        K.tma_ok = lambda *tensors: len(tensors) == 1 and saved_tma(*tensors)
+    if form is not None:
+        TF.PROGRAMS_PER_SM, TF.FLATTEN = form
     try:
         yield
     finally:
         K.tma_ok = saved_tma
+        TF.PROGRAMS_PER_SM, TF.FLATTEN = saved_form
         if kernel is not None:
             kernel.configs = saved
+
+
+@contextlib.contextmanager
+def pinned():
+    """The GEMM kernels on pinned configs (no autotuning in a time-limited run; the weight-gradient
+    kernel on its first candidate)."""
+    wgrad = K.grouped_wgrad_kernel.configs
+    K.grouped_wgrad_kernel.configs = wgrad[:1]
+    try:
+        with setup(K.gate_up_swiglu_kernel, PINNED["gate_up"]), setup(K.grouped_gemm_kernel, PINNED["down"]):
+            yield
+    finally:
+        K.grouped_wgrad_kernel.configs = wgrad
+
+
+def kernel_table(prof, title: str, report: dict) -> None:
+    """Every GPU kernel of the profiled region: calls and mean microseconds per call, in launch order."""
+    rows: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            rows.setdefault(ev.name, []).append(ev.device_time)
+    listing = [(name, len(times), sum(times) / len(times)) for name, times in rows.items()]
+    report.setdefault("profile", {})[title] = listing
+    total = sum(n * us for _, n, us in listing)
+    print(f"profile {title}: {total:.1f} us of kernels over all calls")
+    for name, n, us in listing:
+        print(f"  {n:4d} x {us:9.1f} us  {name[:100]}")
 
 
 def main() -> None:
@@ -92,32 +133,36 @@ def main() -> None:
         ms = bench(fn)
         report["ms"][name] = ms
         extra = f" {gemm_flops / ms / 1e9:7.1f} TFLOP/s" if gemm_flops else ""
-        print(f"time {name:<44} {ms:8.4f} ms{extra}", flush=True)
+        print(f"time {name:<52} {ms:8.4f} ms{extra}", flush=True)
         return ms
+
+    def elapsed() -> str:
+        return f"[{time.perf_counter() - t_start:5.0f}s]"
 
     # ------------------------------------------------------------------ correctness on fresh inputs
     small = expert_case(77, 3, 9, 80, 40, torch.float32, seed=1, unused=(2, 5))
     (x, ids, w, gu_w, dn_w), grad = small
-    outs = {}
-    for label, tma in (("tma", None), ("pointer", False)):
-        for tt in (x, w, gu_w, dn_w):
-            tt.grad = None
-        with setup(tma=tma):
-            TF.triton_experts(x, ids, w, gu_w, dn_w).backward(grad)
-            out = TF.triton_experts(x, ids, w, gu_w, dn_w).detach()
-        outs[label] = [out] + [tt.grad.clone() for tt in (x, w, gu_w, dn_w)]
-    for tt in (x, w, gu_w, dn_w):
-        tt.grad = None
     ref_out = loop_experts(x, ids, w, gu_w, dn_w)
     ref_out.backward(grad)
     ref = [ref_out.detach()] + [tt.grad.clone() for tt in (x, w, gu_w, dn_w)]
-    for label, got in outs.items():
-        errs = [rel(a, b) for a, b in zip(got, ref)]
+    checks = (
+        ("persistent", None, None),
+        ("persistent pointers", False, None),
+        ("per tile", None, (None, False)),
+    )
+    for label, tma, form in checks:
+        for tt in (x, w, gu_w, dn_w):
+            tt.grad = None
+        with setup(tma=tma, form=form):
+            out = TF.triton_experts(x, ids, w, gu_w, dn_w)
+            out.backward(grad)
+        errs = [rel(a, b) for a, b in zip([out.detach()] + [tt.grad for tt in (x, w, gu_w, dn_w)], ref)]
         report["checks"][f"fp32 awkward {label}"] = errs
         print(
-            f"check fp32 77x(3 of 9) h80 i40 {label:<8} out/dx/dw/dgu/ddown "
+            f"check fp32 77x(3 of 9) h80 i40 {label:<16} out/dx/dw/dgu/ddown "
             + " ".join(f"{v:.1e}" for v in errs)
         )
+    print(elapsed(), flush=True)
 
     block, table = random_block(h, e, k, i, dtype)
     gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
@@ -136,73 +181,27 @@ def main() -> None:
     )
     bm = TF.pick_block_m(ids.numel(), e)
     p_new, p_ref = make_plan(ids, e, bm), reference_plan(ids, e, bm)
-    plan_ok = all(
-        torch.equal(getattr(p_new, f), getattr(p_ref, f)) for f in ("row_slot", "block_expert", "counts")
-    )
+    fields = ("row_slot", "block_expert", "counts", "used_blocks")
+    plan_ok = all(torch.equal(getattr(p_new, f), getattr(p_ref, f)) for f in fields)
     report["checks"]["plan equals argsort plan"] = plan_ok
-    print(f"check plan (block_m {bm}) equals the argsort plan: {plan_ok}")
+    print(f"check plan (block_m {bm}) equals the argsort plan: {plan_ok}; used blocks "
+          f"{int(p_new.used_blocks)} of {p_new.num_blocks}")  # fmt: skip
     results = {}
-    for name in ("loop", "triton"):
-        leaves = [tt.detach().requires_grad_() for tt in (xb, wts, gate_up, down)]
-        out = table[name](leaves[0], ids, leaves[1], leaves[2], leaves[3])
-        out.backward(gb)
-        results[name] = [out.detach()] + [tt.grad for tt in leaves]
+    with pinned():
+        for name in ("loop", "triton"):
+            leaves = [tt.detach().requires_grad_() for tt in (xb, wts, gate_up, down)]
+            out = table[name](leaves[0], ids, leaves[1], leaves[2], leaves[3])
+            out.backward(gb)
+            results[name] = [out.detach()] + [tt.grad for tt in leaves]
     errs = [rel(a, b) for a, b in zip(results["triton"], results["loop"])]
     report["checks"]["bf16 experts triton vs loop"] = errs
     print("check bf16 experts triton vs loop out/dx/dw/dgu/ddown " + " ".join(f"{v:.1e}" for v in errs))
     del results, leaves, out
+    print(elapsed(), flush=True)
     save()
 
-    # ------------------------------------------------------------------ forward parts
-    with torch.no_grad():
-
-        def old_router():
-            lg = F.linear(xb, block.gate.weight)
-            r_ids, _, probs = reference_topk_softmax(lg, k, True)
-            return block.gate._stats(probs, r_ids, None)
-
-        timed("router before (PyTorch ops, with stats)", old_router)
-        timed("router logits GEMM alone", lambda: F.linear(xb, block.gate.weight))
-        timed("router now (GEMM + fused kernel, with stats)", lambda: block.gate(xb))
-        timed("router now, no stats", lambda: block.gate(xb, None, False))
-        timed("plan before (argsort, searchsorted)", lambda: reference_plan(ids, e, bm))
-        timed("plan now (two kernels)", lambda: make_plan(ids, e, bm))
-        act, _ = TF.gate_up_swiglu(xb, gate_up, p_new, store_preact=False)
-        y = TF.down_scatter(act, wts, down, p_new)
-        timed(
-            "gate_up + SwiGLU kernel (autotuned)",
-            lambda: TF.gate_up_swiglu(xb, gate_up, p_new, False),
-            flops * 2 / 3,
-        )
-        timed(
-            "down kernel, weight + scatter (autotuned)",
-            lambda: TF.down_scatter(act, wts, down, p_new),
-            flops / 3,
-        )
-        timed("k-sum of weighted slot rows (now)", lambda: y.view(t, k, h).sum(1))
-        timed("weighted sum by bmm (before)", lambda: weighted_sum(y, wts))
-        if hasattr(F, "grouped_mm"):
-            d = dispatch(ids, e)
-            xs = xb[d.tokens]
-            acts = torch.randn(t * k, i, device=DEV, dtype=dtype)
-            timed("gather x rows (index)", lambda: xb[d.tokens])
-            timed(
-                "bare grouped_mm gate_up GEMM",
-                lambda: F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=d.offsets),
-                flops * 2 / 3,
-            )
-            timed(
-                "bare grouped_mm down GEMM",
-                lambda: F.grouped_mm(acts, down.transpose(-2, -1), offs=d.offsets),
-                flops / 3,
-            )
-        timed(
-            "experts call now (plan + kernels + sum)",
-            lambda: table["triton"](xb, ids, wts, gate_up, down),
-            flops,
-        )
-        block.implementation = "triton"
-        timed("block forward now", lambda: block(xb[None])[0], flops)
+    # ------------------------------------------------------------------ forward parts and kernel lists
+    block.implementation = "triton"
 
     def fwd_bwd():
         for p in block.parameters():
@@ -210,16 +209,49 @@ def main() -> None:
         xx = xb[None].detach().requires_grad_()
         block(xx)[0].backward(gb[None])
 
-    timed("block forward+backward now", fwd_bwd, 3 * flops)
-    save()
-    if CUDA:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
+    with pinned():
+        with torch.no_grad():
+            timed("router (GEMM + fused kernel, with stats)", lambda: block.gate(xb))
+            timed("router logits GEMM alone", lambda: F.linear(xb, block.gate.weight))
+            timed("plan (three kernels)", lambda: make_plan(ids, e, bm))
+            act, _ = TF.gate_up_swiglu(xb, gate_up, p_new, store_preact=False)
+            y = TF.down_scatter(act, wts, down, p_new)
+            timed("k-sum of weighted slot rows", lambda: TF.sum_slots(y, k))
+            if hasattr(F, "grouped_mm"):
+                d = dispatch(ids, e)
+                xs = xb[d.tokens]
+                acts = torch.randn(t * k, i, device=DEV, dtype=dtype)
+                w1, w2 = gate_up.transpose(-2, -1), down.transpose(-2, -1)
+                timed(
+                    "bare grouped_mm gate_up GEMM",
+                    lambda: F.grouped_mm(xs, w1, offs=d.offsets),
+                    flops * 2 / 3,
+                )
+                timed("bare grouped_mm down GEMM", lambda: F.grouped_mm(acts, w2, offs=d.offsets), flops / 3)
+                del xs, acts
+            for label, form, down_tma in BLOCK_FORMS:
+                with setup(form=form, down_tma=down_tma):
+                    timed(f"block forward: {label}", lambda: block(xb[None])[0], flops)
+        for label, form, down_tma in BLOCK_FORMS[:3]:
+            with setup(form=form, down_tma=down_tma):
+                timed(f"block forward+backward: {label}", fwd_bwd, 3 * flops)
+        save()
+        if CUDA:
+            with (
+                torch.no_grad(),
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+            ):
+                block(xb[None])
+                torch.cuda.synchronize()
+            kernel_table(prof, "block forward", report)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 fwd_bwd()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+                torch.cuda.synchronize()
+            kernel_table(prof, "block forward+backward", report)
+    print(elapsed(), flush=True)
+    save()
 
-    # ------------------------------------------------------------------ tile sweeps
+    # ------------------------------------------------------------------ launch forms x tiles
     def gate_up_fn(plan):
         return lambda: TF.gate_up_swiglu(xb, gate_up, plan, False)
 
@@ -227,32 +259,38 @@ def main() -> None:
         a = TF.gate_up_swiglu(xb, gate_up, plan, False)[0]
         return lambda: TF.down_scatter(a, wts, down, plan)
 
-    sweeps = (
-        (K.gate_up_swiglu_kernel, GATE_UP_SWEEP, "gate_up", flops * 2 / 3, gate_up_fn),
-        (K.grouped_gemm_kernel, DOWN_SWEEP, "down", flops / 3, down_fn),
-    )
+    kernels = {
+        "gate_up": (K.gate_up_swiglu_kernel, flops * 2 / 3, gate_up_fn(p_new), act),
+        "down": (K.grouped_gemm_kernel, flops / 3, down_fn(p_new), y),
+    }
     with torch.no_grad():
-        for kernel, sweep, label, part_flops, make_fn in sweeps:
-            for block_m in (128, 64) if not quick else (bm,):
-                fn = make_fn(make_plan(ids, e, block_m))
-                for config in sweep if block_m == 128 else sweep[:2]:
-                    for tma in (True, False) if label == "gate_up" else (False,):
-                        if time.perf_counter() - t_start > args.budget_s:
-                            print("sweep budget spent; stopping")
-                            save()
-                            return
-                        row = {"kernel": label, "block_m": block_m, "config": config, "tma": tma}
-                        try:
-                            with setup(kernel, config, tma):
-                                ms = bench(fn)
-                            row.update(ms=ms, tflops=part_flops / ms / 1e9)
-                        except Exception as exc:
-                            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                        report["sweep"].append(row)
-                        save()
-                        speed = f"{row.get('ms', float('nan')):8.4f} ms {row.get('tflops', 0):7.1f} TFLOP/s"
-                        print(f"sweep {label:<8} BM{block_m:<4} {config} tma={tma!s:<5} {speed} "
-                              f"{row.get('error', '')}", flush=True)  # fmt: skip
+        for label, config, tma in SWEEP:
+            kernel, part_flops, fn, expected = kernels[label]
+            used = (
+                len(expected) if label == "down" else int(p_new.used_blocks) * p_new.block_m
+            )  # no tail rows
+            for form in FORMS:
+                if time.perf_counter() - t_start > args.budget_s:
+                    print("sweep budget spent; stopping")
+                    save()
+                    return
+                row = {"kernel": label, "config": config, "form": form, "tma": tma}
+                try:
+                    with setup(kernel, config, form=form, down_tma=tma):
+                        got = fn()
+                        got = got[0] if isinstance(got, tuple) else got
+                        diff = (got[:used].float() - expected[:used].float()).abs().max()
+                        row["max_abs_diff_vs_pinned"] = float(diff)
+                        ms = bench(fn)
+                    row.update(ms=ms, tflops=part_flops / ms / 1e9)
+                except Exception as exc:
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                report["sweep"].append(row)
+                save()
+                speed = f"{row.get('ms', float('nan')):8.4f} ms {row.get('tflops', 0):7.1f} TFLOP/s"
+                diff = row.get("max_abs_diff_vs_pinned", float("nan"))
+                print(f"sweep {label:<8} {config} tma={tma!s:<5} form={form!s:<14} {speed} "
+                      f"diff {diff:.1e} {row.get('error', '')} {elapsed()}", flush=True)  # fmt: skip
     save()
     print(f"done in {time.perf_counter() - t_start:.0f}s")
 

@@ -8,6 +8,8 @@ gives the routing weights their gradient from the same kernels (see ``TritonExpe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -24,8 +26,26 @@ def pick_block_m(rows: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 128 else 128
 
 
+PROGRAMS_PER_SM: int | None = 1  # persistent grid size; None: one program per tile (the old grid)
+FLATTEN = True  # flatten the tile and k loops into one pipelined loop
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return 4 if K.INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _grid(plan: Plan, n_out: int):
-    return lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), plan.num_blocks)
+    """One program per SM looping over the (row block, n tile) tiles, never more programs than tiles."""
+
+    def grid(meta):
+        tiles = plan.num_blocks * triton.cdiv(n_out, meta["BLOCK_N"])
+        if PROGRAMS_PER_SM is None:
+            return (tiles,)
+        device = plan.row_slot.device.index or 0
+        return (min(tiles, PROGRAMS_PER_SM * _sm_count(device)),)
+
+    return grid
 
 
 def _tune(plan: Plan) -> bool:
@@ -47,13 +67,13 @@ def _grouped_gemm(
         gu if gu is not None else c,
         act if act is not None else c,
         d_scale if d_scale is not None else c,
-        plan.row_slot, plan.block_expert,
-        n_out, k_red, b.shape[0], plan.top_k, b.shape[1], b.shape[2],
+        plan.row_slot, plan.block_expert, plan.used_blocks,
+        n_out, k_red, b.shape[0], plan.top_k, b.shape[1], b.shape[2], a.shape[0],
         a.stride(0), c.stride(0),
         gu.stride(0) if gu is not None else 0,
         d_scale.stride(0) if d_scale is not None else 0,
         BLOCK_M=plan.block_m, A_MODE=a_mode, B_KN=b_kn, C_BY_SLOT=c_by_slot, EPILOGUE=epilogue,
-        IEEE=a.dtype == torch.float32, tune=_tune(plan),
+        IEEE=a.dtype == torch.float32, FLATTEN=FLATTEN, TMA=K.tma_ok(a, b), tune=_tune(plan),
     )  # fmt: skip
 
 
@@ -80,10 +100,10 @@ def gate_up_swiglu(hidden, gate_up_proj, plan: Plan, store_preact: bool):
     K.launch(
         K.gate_up_swiglu_kernel,
         _grid(plan, two_i // 2),
-        hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert,
+        hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert, plan.used_blocks,
         h, two_i // 2, e, plan.top_k, hidden.stride(0), act.stride(0), gu.stride(0),
         BLOCK_M=plan.block_m, STORE_PREACT=store_preact, TMA=K.tma_ok(gate_up_proj),
-        IEEE=hidden.dtype == torch.float32, tune=_tune(plan),
+        IEEE=hidden.dtype == torch.float32, FLATTEN=FLATTEN, tune=_tune(plan),
     )  # fmt: skip
     return act, gu
 

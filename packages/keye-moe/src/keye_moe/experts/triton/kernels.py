@@ -94,6 +94,20 @@ def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def _weight_descriptor(w_ptr, E, ROWS, COLS, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, KN: tl.constexpr):
+    """A 3-D descriptor over stacked weights ``[E, ROWS, COLS]``: ``[1, BLOCK_K, BLOCK_N]`` boxes when the
+    reduction runs along the rows (``KN``), else ``[1, BLOCK_N, BLOCK_K]``."""
+    if KN:
+        return tl.make_tensor_descriptor(
+            w_ptr, [E, ROWS, COLS], [ROWS * COLS, COLS, 1], [1, BLOCK_K, BLOCK_N]
+        )
+    else:
+        return tl.make_tensor_descriptor(
+            w_ptr, [E, ROWS, COLS], [ROWS * COLS, COLS, 1], [1, BLOCK_N, BLOCK_K]
+        )
+
+
 @triton.autotune(
     configs=_configs([(64, 64, 4, 4), (128, 32, 8, 5), (128, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
     key=["H", "I", "BLOCK_M"],
@@ -106,6 +120,7 @@ def gate_up_swiglu_kernel(
     gu_ptr,
     row_slot_ptr,
     block_expert_ptr,
+    used_blocks_ptr,
     H,
     I,
     E,
@@ -119,54 +134,55 @@ def gate_up_swiglu_kernel(
     STORE_PREACT: tl.constexpr,
     TMA: tl.constexpr,
     IEEE: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= E:
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(row_slot_ptr + rows)
-    valid = slot >= 0
-    tok = tl.where(valid, slot // TOP_K, 0).to(tl.int64)
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
+    """A persistent loop over (row block, n tile) tiles, n fastest, so neighbouring programs share the
+    gathered rows and the expert's weights in L2; ``FLATTEN`` lets the pipeliner load the next tile
+    while this one's epilogue runs."""
+    n_tiles = tl.cdiv(I, BLOCK_N)
+    num_tiles = tl.load(used_blocks_ptr) * n_tiles
+    k_tiles = tl.cdiv(H, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
     if TMA:
         desc = tl.make_tensor_descriptor(w_ptr, [E, 2 * I, H], [2 * I * H, H, 1], [1, BLOCK_N, BLOCK_K])
-    else:
-        wg_ptrs = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :] * H + offs_k[:, None]
-        wu_ptrs = wg_ptrs + I * H
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k_mask = offs_k + k0 < H
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        if TMA:
-            wg = _weight_tile(desc, e, n0, k0, BLOCK_N, BLOCK_K)
-            wu = _weight_tile(desc, e, I + n0, k0, BLOCK_N, BLOCK_K)
-        else:
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
-            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
-        acc_g = _mma(a, wg, acc_g, IEEE)
-        acc_u = _mma(a, wu, acc_u, IEEE)
-        a_ptrs += BLOCK_K
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
-    rows64 = rows.to(tl.int64)[:, None]
-    tl.store(
-        act_ptr + rows64 * stride_act + offs_n[None, :],
-        act.to(act_ptr.dtype.element_ty),
-        mask=n_mask[None, :],
-    )
-    if STORE_PREACT:
-        gu = gu_ptr + rows64 * stride_gu + offs_n[None, :]
-        tl.store(gu, acc_g.to(gu_ptr.dtype.element_ty), mask=n_mask[None, :])
-        tl.store(gu + I, acc_u.to(gu_ptr.dtype.element_ty), mask=n_mask[None, :])
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m = tile // n_tiles
+        n0 = (tile % n_tiles) * BLOCK_N
+        e = tl.load(block_expert_ptr + pid_m)
+        slot = tl.load(row_slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = slot >= 0
+        tok = tl.where(valid, slot // TOP_K, 0).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            k_mask = offs_k + k0 < H
+            a = tl.load(
+                x_ptr + tok[:, None] * stride_x + (k0 + offs_k)[None, :],
+                mask=valid[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if TMA:
+                wg = _weight_tile(desc, e, n0, k0, BLOCK_N, BLOCK_K)
+                wu = _weight_tile(desc, e, I + n0, k0, BLOCK_N, BLOCK_K)
+            else:
+                wg_ptrs = w_ptr + e.to(tl.int64) * 2 * I * H + offs_n[None, :] * H + (k0 + offs_k)[:, None]
+                w_mask = k_mask[:, None] & (offs_n < I)[None, :]
+                wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+                wu = tl.load(wg_ptrs + I * H, mask=w_mask, other=0.0)
+            acc_g = _mma(a, wg, acc_g, IEEE)
+            acc_u = _mma(a, wu, acc_u, IEEE)
+        act = acc_g * tl.sigmoid(acc_g) * acc_u
+        rows64 = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        n_mask = (offs_n < I)[None, :]
+        tl.store(
+            act_ptr + rows64 * stride_act + offs_n[None, :], act.to(act_ptr.dtype.element_ty), mask=n_mask
+        )
+        if STORE_PREACT:
+            gu = gu_ptr + rows64 * stride_gu + offs_n[None, :]
+            tl.store(gu, acc_g.to(gu_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(gu + I, acc_u.to(gu_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.autotune(
@@ -184,12 +200,14 @@ def grouped_gemm_kernel(
     dscale_ptr,
     row_slot_ptr,
     block_expert_ptr,
+    used_blocks_ptr,
     N_OUT,
     K_RED,
     E,
     TOP_K,
     B_ROWS,
     B_COLS,
+    A_ROWS,
     stride_a,
     stride_c,
     stride_gu,
@@ -202,39 +220,79 @@ def grouped_gemm_kernel(
     C_BY_SLOT: tl.constexpr,
     EPILOGUE: tl.constexpr,
     IEEE: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= E:
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(row_slot_ptr + rows)
-    valid = slot >= 0
-    slot64 = tl.where(valid, slot, 0).to(tl.int64)
-    rows64 = rows.to(tl.int64)
-    a_rows = _row_index(rows, slot64, A_MODE, TOP_K)
-    n0 = pid_n * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N_OUT
+    """The same persistent tile loop as ``gate_up_swiglu_kernel``. With ``TMA`` the weights, and A when
+    its rows are read in padded order, arrive by TMA bulk copies."""
+    n_tiles = tl.cdiv(N_OUT, BLOCK_N)
+    num_tiles = tl.load(used_blocks_ptr) * n_tiles
+    k_tiles = tl.cdiv(K_RED, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
-    if B_KN:
-        b_ptrs += offs_k[:, None] * B_COLS + offs_n[None, :]
-    else:
-        b_ptrs += offs_k[:, None] + offs_n[None, :] * B_COLS
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_RED, BLOCK_K):
-        k_mask = offs_k + k0 < K_RED
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        a_ptrs += BLOCK_K
-        if B_KN:
-            b_ptrs += BLOCK_K * B_COLS
-        else:
-            b_ptrs += BLOCK_K
-        acc = _mma(a, b, acc, IEEE)
+    if TMA:
+        if A_MODE == _PADDED:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [A_ROWS, K_RED], [stride_a, 1], [BLOCK_M, BLOCK_K])
+        b_desc = _weight_descriptor(b_ptr, E, B_ROWS, B_COLS, BLOCK_K, BLOCK_N, B_KN)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m = tile // n_tiles
+        pid_n = tile % n_tiles
+        e = tl.load(block_expert_ptr + pid_m)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(row_slot_ptr + rows)
+        valid = slot >= 0
+        slot64 = tl.where(valid, slot, 0).to(tl.int64)
+        a_rows = _row_index(rows, slot64, A_MODE, TOP_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N_OUT
+        b_base = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            kk = k0 + offs_k
+            k_mask = kk < K_RED
+            if TMA and A_MODE == _PADDED:
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+            else:
+                a_ptrs = a_ptr + a_rows[:, None] * stride_a + kk[None, :]
+                a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            if TMA and B_KN:
+                b = b_desc.load([e, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            elif TMA:
+                b = _weight_tile(b_desc, e, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K)
+            else:
+                if B_KN:
+                    b_ptrs = b_base + kk[:, None] * B_COLS + offs_n[None, :]
+                else:
+                    b_ptrs = b_base + kk[:, None] + offs_n[None, :] * B_COLS
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, IEEE)
+        _grouped_gemm_epilogue(
+            acc, c_ptr, scale_ptr, gu_ptr, act_ptr, dscale_ptr, rows.to(tl.int64), slot64, valid, offs_n,
+            pid_n, N_OUT, stride_c, stride_gu, stride_ds, C_BY_SLOT, EPILOGUE,
+        )  # fmt: skip
+
+
+@triton.jit
+def _grouped_gemm_epilogue(
+    acc,
+    c_ptr,
+    scale_ptr,
+    gu_ptr,
+    act_ptr,
+    dscale_ptr,
+    rows64,
+    slot64,
+    valid,
+    offs_n,
+    pid_n,
+    N_OUT,
+    stride_c,
+    stride_gu,
+    stride_ds,
+    C_BY_SLOT: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+):
+    n_mask = offs_n < N_OUT
     if EPILOGUE == _SWIGLU_BWD:
         # acc = dOut[token] @ down_e: the unweighted d(act) of columns n < I (= N_OUT). This tile's share
         # of the routing-weight gradient is sum_n acc * act; then d(act) = w * acc goes through SwiGLU's

@@ -2,8 +2,9 @@
 
 Each expert's rows are padded up to a multiple of ``block_m`` so that every row block belongs to exactly
 one expert. ``row_slot[p]`` is the flat (token * K + k) slot stored at padded row p, or -1 for padding;
-``block_expert[b]`` is the expert of row block b, or E for the unused tail blocks (the grid is sized by
-the upper bound ``cdiv(N*K, block_m) + E`` so its size never depends on the routing).
+``block_expert[b]`` is the expert of row block b, or E for the unused tail blocks (buffers are sized by
+the upper bound ``cdiv(N*K, block_m) + E`` so their size never depends on the routing);
+``used_blocks[0]`` is the number of blocks before that tail, which the persistent GEMMs loop up to.
 
 The slots are cut into small chunks: ``_count_kernel`` takes each chunk's expert histogram,
 ``_scan_kernel`` (a program per expert) the slots of that expert in earlier chunks, and ``_place_kernel``
@@ -32,6 +33,7 @@ class Plan:
     block_expert: torch.Tensor  # [num_blocks] int32
     expert_start: torch.Tensor  # [E] int32: first padded row of each expert
     counts: torch.Tensor  # [E] int32: real rows of each expert
+    used_blocks: torch.Tensor  # [1] int32: row blocks that belong to an expert (the rest are tail)
     block_m: int
     num_blocks: int
     top_k: int
@@ -69,6 +71,7 @@ def _place_kernel(
     row_slot_ptr,
     block_expert_ptr,
     expert_start_ptr,
+    used_blocks_ptr,
     S,
     E,
     P,
@@ -88,6 +91,7 @@ def _place_kernel(
     start = end - padded
     if p == 0:
         tl.store(expert_start_ptr + bins, start, mask=e_mask)
+        tl.store(used_blocks_ptr, tl.sum(padded, 0) // BLOCK_M)
     offs = p * CHUNK + tl.arange(0, CHUNK)
     valid = offs < S
     ids = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
@@ -117,13 +121,14 @@ def make_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     expert_start = torch.empty(num_experts, dtype=torch.int32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    used_blocks = torch.empty(1, dtype=torch.int32, device=dev)
     _count_kernel[(chunks,)](flat, hist, slots, num_experts, chunks, CHUNK=chunk, BINS=bins)
     _scan_kernel[(num_experts,)](hist, base, counts, chunks, TILE=1024)
     _place_kernel[(chunks,)](
-        flat, base, counts, row_slot, block_expert, expert_start, slots, num_experts, chunks, num_blocks,
-        triton.cdiv(num_blocks, chunks), BLOCK_M=block_m, CHUNK=chunk, BINS=bins,
+        flat, base, counts, row_slot, block_expert, expert_start, used_blocks, slots, num_experts, chunks,
+        num_blocks, triton.cdiv(num_blocks, chunks), BLOCK_M=block_m, CHUNK=chunk, BINS=bins,
     )  # fmt: skip
-    return Plan(row_slot, block_expert, expert_start, counts, block_m, num_blocks, k)
+    return Plan(row_slot, block_expert, expert_start, counts, used_blocks, block_m, num_blocks, k)
 
 
 def reference_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
@@ -143,6 +148,14 @@ def reference_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Pl
     row_slot[padded_start[expert_sorted] + rank] = order.to(torch.int32)
     block_first_row = torch.arange(num_blocks, device=flat.device) * block_m
     block_expert = torch.searchsorted(padded_end, block_first_row, right=True).to(torch.int32)
+    used_blocks = (padded.sum() // block_m).to(torch.int32).reshape(1)
     return Plan(
-        row_slot, block_expert, padded_start.to(torch.int32), counts.to(torch.int32), block_m, num_blocks, k
+        row_slot,
+        block_expert,
+        padded_start.to(torch.int32),
+        counts.to(torch.int32),
+        used_blocks,
+        block_m,
+        num_blocks,
+        k,
     )
