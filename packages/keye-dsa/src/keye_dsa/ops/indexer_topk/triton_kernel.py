@@ -108,13 +108,25 @@ def _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D,
 
 
 @triton.jit
+def _key_tile(K, s, s_ok, sks, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Keys ``s`` as a ``[BLOCK_D, len(s)]`` tile (zeros where not ``s_ok``). With ``EVEN_D``
+    (``D == BLOCK_D``) the mask is constant along each key row, so the load vectorizes and the loop
+    pipelines it (asynchronous copies); a per-element ``d < D`` mask kept both from happening."""
+    d = tl.arange(0, BLOCK_D)
+    ok = s_ok[None, :]
+    if not EVEN_D:
+        ok = ok & (d[:, None] < D)
+    return tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=ok, other=0.0)
+
+
+@triton.jit
 def _index_scores(
     Q, K, W, LO, HI, THR, S, POS, COUNT, DROPPED,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
-    STORE_ASM: tl.constexpr,
+    STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
     ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
@@ -149,14 +161,9 @@ def _index_scores(
         q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
     else:
         q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
-    d = tl.arange(0, BLOCK_D)
     for s0 in range(start, stop, BLOCK_S):
         s_loc = s0 + tl.arange(0, BLOCK_S)
-        kt = tl.load(
-            K + (k0 + s_loc[None, :]).to(tl.int64) * sks + d[:, None],
-            mask=(s_loc[None, :] < stop) & (d[:, None] < D),
-            other=0.0,
-        )
+        kt = _key_tile(K, k0 + s_loc, s_loc < stop, sks, D, BLOCK_D, EVEN_D)
         score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
         if CANDIDATES:
@@ -252,6 +259,7 @@ def _sample_threshold(
     k0, n_rows, width, scale, H, D, RANK,
     M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
     (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
@@ -271,12 +279,11 @@ def _sample_threshold(
         q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
     else:
         q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
-    d = tl.arange(0, BLOCK_D)
     rows = SMP + (b * n_rows + t[:, None]) * M
     for j0 in range(0, M, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)
         p = ((j.to(tl.int64) * width) // M).to(tl.int32)
-        kt = tl.load(K + (k0 + p[None, :]).to(tl.int64) * sks + d[:, None], mask=d[:, None] < D, other=0.0)
+        kt = _key_tile(K, k0 + p, p == p, sks, D, BLOCK_D, EVEN_D)
         score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
         visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
         tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
@@ -509,7 +516,7 @@ def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
         k0, rows, width, dim**-0.5, heads, dim,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
         CANDIDATES=candidates is not None, PER_HEAD=candidates is not None,
-        STORE_ASM=gpu and not interpreting(), **dot_flags(q.dtype),
+        STORE_ASM=gpu and not interpreting(), EVEN_D=dim == block_d, **dot_flags(q.dtype),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -528,7 +535,8 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
         M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
-        PER_HEAD=False, **dot_flags(q.dtype), num_warps=8 if gpu else 4,
+        PER_HEAD=False, EVEN_D=dim == triton.next_power_of_2(dim), **dot_flags(q.dtype),
+        num_warps=8 if gpu else 4,
     )  # fmt: skip
     return thr
 
