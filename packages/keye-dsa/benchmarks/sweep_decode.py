@@ -215,8 +215,8 @@ def main() -> None:
 
     default_launch, default_bits = dict(dk.SCORE_LAUNCH), dk.BITS
     variants = [  # (SEG, BLOCK_S, num_warps, PREFETCH, BITS)
-        (2048, 64, 8, True, 11), (2048, 64, 8, False, 11), (4096, 64, 8, True, 11), (2048, 32, 4, True, 11),
-        (2048, 128, 8, False, 11), (1024, 64, 8, True, 11), (2048, 64, 8, True, 10), (8192, 64, 8, True, 11),
+        (2048, 64, 8, False, 9), (2048, 64, 8, True, 9), (2048, 128, 8, False, 9), (4096, 128, 8, True, 9),
+        (2048, 32, 4, True, 9), (1024, 64, 8, False, 9), (2048, 64, 8, False, 10), (2048, 64, 8, False, 8),
     ]  # fmt: skip
     if args.smoke:
         variants = variants[:2]

@@ -1,20 +1,24 @@
 """Triton top-k for decoding: a few query rows against a long, preallocated index-key cache.
 
 A decode step has a handful of rows (batch 8, one new token each) and ~128K keys per row, so the work is
-streaming the index keys once; what costs beyond that is launches and serial scans. Three launches:
+streaming the index keys once; what costs beyond that is launches and serial scans. Three launches, and
+the exact threshold is found in two histogram levels of the scores' order-preserving uint32 images:
 
 1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
-   MMA tile), write the fp32 scores, and add a ``BITS``-bit histogram of the scores' order-preserving
-   uint32 images into the row's histogram (atomics, non-empty bins only). FP8 (e4m3) keys are widened
-   to the query dtype on load and the score is multiplied by the key's fp32 scale (exact:
-   ``relu(s * x) = s * relu(x)`` for ``s > 0``).
-2. ``_decode_compact``: every program reads the finished histogram, finds the bin holding the row's
-   ``topk``-th score, writes the keys of higher bins straight into the output and appends those of that
-   bin to a candidate buffer. Slots come from per-row atomic counters, so the order is arbitrary (any
-   order of a top-k set is valid, DESIGN §3).
-3. ``_decode_select``: one program per row finds the exact threshold among the candidates (8-bit radix
-   passes) and writes the candidates above it and, among those equal to it, the lowest positions (the
-   reference's tie rule; candidates are unordered, so the position cut-off is searched bitwise).
+   MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
+   level-1 histogram (atomics). FP8 (e4m3) keys are widened to the query dtype on load and the score is
+   multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)`` for ``s > 0``).
+2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
+   row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
+   that bin to a candidate buffer and histograms their next 8 bits (level 2). Slots come from per-row
+   atomic counters, so the order is arbitrary (any order of a top-k set is valid, DESIGN §3).
+3. ``_decode_select``: one program per row splits the candidates by the level-2 bin, finds the exact
+   threshold among the few left (8-bit radix passes) and writes the keys above it and, among those equal
+   to it, the lowest positions (the reference's tie rule; found bitwise, the candidates being unordered).
+
+Why histograms once per program: ``tl.histogram`` merges its warps' counts with shared-memory atomics
+(``num_warps * bins`` per call), which per 64-key step cost 1.27 ms a decode step on the H200 at 2048
+bins (BENCHMARKS.md); once per 2048-key segment at 512 bins they are a small fraction of the streaming.
 
 The lengths are read on the device: no host sync, fixed launch shapes, so a CUDA graph replays a step.
 """
@@ -28,10 +32,10 @@ import triton.language as tl
 from keye_dsa.ops._triton_utils import dot_flags, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
-BITS = 11  # histogram bits of the first pass: 2048 bins, a quarter octave wide
+BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
 # Launch settings of the scoring kernel: keys per program, keys per step, warps, and whether the next
 # step's keys are loaded before this step's math (Triton does not software-pipeline this loop).
-SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": True}
+SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
 SELECT_BLOCK = 4096  # candidates per step of the final select
 
@@ -58,13 +62,13 @@ def _key_tile(K, KS, s0, end, sks, d, D, BLOCK_S: tl.constexpr, HAS_SCALE: tl.co
 def _decode_scores(
     Q, K, KS, W, LEN, START, S, HIST,
     sqb, sqt, sqh, skb, sks, sksb, swb, swt, ssr,
-    T, scale, H, D, SEG,
-    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NBITS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    T, scale, H, D,
+    SEG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    NBITS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr,
+    UPCAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
-    only visible keys are written and counted in the row's histogram ``HIST [rows, 2**NBITS]``."""
+    only visible keys are written and counted in the row's level-1 histogram ``HIST [rows, 2**NBITS]``."""
     t = tl.program_id(0)
     b = tl.program_id(2)
     row = (b * T + t).to(tl.int64)
@@ -82,7 +86,6 @@ def _decode_scores(
     wr = tl.load(W + b.to(tl.int64) * swb + t * swt + hh, mask=hh < H, other=0.0).to(tl.float32)
     K += b.to(tl.int64) * skb
     KS += b.to(tl.int64) * sksb
-    hist = tl.zeros([1 << NBITS], tl.int32)
     kt, ks = _key_tile(K, KS, begin, end, sks, d, D, BLOCK_S, HAS_SCALE)
     for s0 in range(begin, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -96,9 +99,12 @@ def _decode_scores(
             score *= ks
         if PREFETCH:
             kt, ks = kt_next, ks_next
-        visible = (s >= lo) & (s < end)
-        tl.store(S + row * ssr + s, score, mask=visible)
-        hist += tl.histogram((_ordered_key(score) >> (32 - NBITS)).to(tl.int32), 1 << NBITS, mask=visible)
+        tl.store(S + row * ssr + s, score, mask=(s >= lo) & (s < end))
+    tl.debug_barrier()  # the segment's scores, stored by all threads, are read back once
+    s = seg0 + tl.arange(0, SEG)
+    visible = (s >= lo) & (s < end)
+    key = _ordered_key(tl.load(S + row * ssr + s, mask=visible, other=0.0))
+    hist = tl.histogram((key >> (32 - NBITS)).to(tl.int32), 1 << NBITS, mask=visible)
     bins = tl.arange(0, 1 << NBITS)
     tl.atomic_add(HIST + row * (1 << NBITS) + bins, hist, mask=hist > 0, sem="relaxed")
 
@@ -118,18 +124,21 @@ def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
 
 @triton.jit
 def _decode_compact(
-    S, LEN, START, HIST, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
+    S, LEN, START, HIST, HIST2, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
-    """Block ``program_id(1)`` of row ``program_id(0)``: keys of bins above the threshold bin go to the
-    output, keys of that bin to the candidate buffers ``CS``/``CP``; slots from ``COUNT [rows, 2]``."""
+    """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
+    to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 2]``."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
     digit, _, _ = _threshold_bin(HIST, row, TOPK, NBITS)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (s >= lo) & (s <= hi)
-    bin_ = (_ordered_key(tl.load(S + row * ssr + s, mask=ok, other=0.0)) >> (32 - NBITS)).to(tl.int32)
+    x = tl.load(S + row * ssr + s, mask=ok, other=0.0)
+    key = _ordered_key(x)
+    bin_ = (key >> (32 - NBITS)).to(tl.int32)
     above = ok & (bin_ > digit)
     cand = ok & (bin_ == digit)
     n_a = tl.sum(above.to(tl.int32), 0)
@@ -139,17 +148,19 @@ def _decode_compact(
         tl.store(OUT + row * sor + base + tl.cumsum(above.to(tl.int32), 0) - 1, s, mask=above)
     if n_c > 0:
         at = tl.atomic_add(COUNT + row * 2 + 1, n_c, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
-        tl.store(CS + row * scr + at, tl.load(S + row * ssr + s, mask=cand, other=0.0), mask=cand)
+        tl.store(CS + row * scr + at, x, mask=cand)
         tl.store(CP + row * scr + at, s, mask=cand)
+        hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
+        tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
 
 
 @triton.jit
 def _decode_select(
-    LEN, START, HIST, OUT, CS, CP, sor, scr, T, TOPK,
+    LEN, START, HIST, HIST2, OUT, CS, CP, CS2, CP2, sor, scr, T, TOPK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id(0)``: the exact top of the threshold bin's candidates after the keys already
-    written (or the -1 padding when the row sees fewer than ``TOPK`` keys)."""
+    """Row ``program_id(0)``: the exact top of the level-1 candidates after the keys already written (or
+    the -1 padding when the row sees fewer than ``TOPK`` keys)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
@@ -161,23 +172,41 @@ def _decode_select(
             j = j0 + tl.arange(0, BLOCK)
             tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
     else:
-        scores = CS + row * scr
-        pos = CP + row * scr
-        prefix = tl.zeros([1], tl.uint32)
-        pmask = tl.zeros([1], tl.uint32)
-        need = tl.full([1], TOPK, tl.int32) - n_above  # candidates still to take
-        for p in tl.static_range(4):
-            prefix, pmask, need = _digit_step(
-                _digit_histogram(scores, 0, n_bin, prefix, pmask, p, BLOCK), prefix, pmask, need, p
-            )
-        # ``prefix`` is the exact threshold; ``need`` of the candidates equal to it are taken.
-        cut = _tie_cutoff(scores, pos, n_bin, prefix, need, BLOCK)
+        need = TOPK - n_above
+        digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, need, 8)
+        # level-1 candidates: higher level-2 bins to the output, the threshold's bin to CS2/CP2
         taken = tl.zeros([1], tl.int32) + n_above
+        kept = tl.zeros([1], tl.int32)
         for j0 in range(0, n_bin, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
-            key = _ordered_key(tl.load(scores + j, mask=j < n_bin, other=0.0))
-            p_j = tl.load(pos + j, mask=j < n_bin, other=0)
-            keep = (j < n_bin) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
+            x = tl.load(CS + row * scr + j, mask=j < n_bin, other=0.0)
+            p_j = tl.load(CP + row * scr + j, mask=j < n_bin, other=0)
+            bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
+            gt = (j < n_bin) & (bin2 > digit2)
+            eq = (j < n_bin) & (bin2 == digit2)
+            tl.store(out + taken + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
+            at = kept + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(CS2 + row * scr + at, x, mask=eq)
+            tl.store(CP2 + row * scr + at, p_j, mask=eq)
+            taken += tl.sum(gt.to(tl.int32), 0)
+            kept += tl.sum(eq.to(tl.int32), 0)
+        tl.debug_barrier()  # CS2/CP2, stored by all threads, are read below
+        scores = CS2 + row * scr
+        pos = CP2 + row * scr
+        prefix = tl.zeros([1], tl.uint32)
+        pmask = tl.zeros([1], tl.uint32)
+        need = tl.zeros([1], tl.int32) + need - n_above2  # level-2 candidates still to take
+        for p in tl.static_range(4):
+            prefix, pmask, need = _digit_step(
+                _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK), prefix, pmask, need, p
+            )
+        # ``prefix`` is the exact threshold; ``need`` of the candidates equal to it are taken.
+        cut = _tie_cutoff(scores, pos, n_bin2, prefix, need, BLOCK)
+        for j0 in range(0, n_bin2, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
+            p_j = tl.load(pos + j, mask=j < n_bin2, other=0)
+            keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
             tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
             taken += tl.sum(keep.to(tl.int32), 0)
 
@@ -211,50 +240,52 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 
     ``q [B,T,H,D]``, ``k [B,C,D]`` (16/32-bit, or FP8 with ``k_scale [B,C]`` fp32), ``w [B,T,H]``,
     ``lengths [B]`` int32 filled entries, ``key_start [B]`` int32 or None."""
-    scores, hist, count = decode_scores(q, k, w, lengths, key_start, k_scale)
-    return decode_select(scores, hist, count, lengths, key_start, q.shape[1], topk)
+    scores, scratch = decode_scores(q, k, w, lengths, key_start, k_scale)
+    return decode_select(scores, scratch, lengths, key_start, q.shape[1], topk)
 
 
 def decode_scores(q, k, w, lengths, key_start, k_scale):
-    """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only), their histograms ``[B*T, 2**BITS]`` and
-    the zeroed slot counters ``[B*T, 2]`` of the compaction."""
+    """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only) and the zeroed scratch of the later
+    launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot counters
+    ``[B*T, 2]``."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
     launch = SCORE_LAUNCH if q.device.type != "cpu" else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16, num_warps=4)
-    nbins = 1 << BITS
-    scratch = torch.zeros(rows * (nbins + 2), dtype=torch.int32, device=q.device)  # one memset for both
-    hist, count = scratch[: rows * nbins].view(rows, nbins), scratch[rows * nbins :].view(rows, 2)
+    sizes = (1 << BITS, 256, 2)
+    scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
+    hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
     scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
     start = lengths if key_start is None else key_start  # a placeholder pointer when there is no start
     ks = k_scale if k_scale is not None else lengths
     _decode_scores[(t, triton.cdiv(capacity, launch["SEG"]), batch)](
         q, k, ks, w, lengths, start, scores, hist,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), ks.stride(0),
-        w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim, launch["SEG"],
-        BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
+        w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim,
+        SEG=launch["SEG"], BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
         HAS_START=key_start is not None, **dot_flags(q.dtype), PREFETCH=launch["PREFETCH"],
         num_warps=launch["num_warps"],
     )  # fmt: skip
-    return scores, hist, count
+    return scores, (hist, hist2, count)
 
 
-def decode_select(scores, hist, count, lengths, key_start, t, topk) -> torch.Tensor:
+def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     """Launches 2 and 3: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
+    hist, hist2, count = scratch
     rows, capacity = scores.shape
     gpu = scores.device.type != "cpu"
     compact, select = (COMPACT_BLOCK, SELECT_BLOCK) if gpu else (16, 16)
-    cs = torch.empty(rows, capacity, dtype=torch.float32, device=scores.device)
-    cp = torch.empty(rows, capacity, dtype=torch.int32, device=scores.device)
+    cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
+    cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
     start = lengths if key_start is None else key_start
     _decode_compact[(rows, triton.cdiv(capacity, compact))](
-        scores, lengths, start, hist, count, out, cs, cp, scores.stride(0), topk, cs.stride(0), t, topk,
-        NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+        scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
+        t, topk, NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     _decode_select[(rows,)](
-        lengths, start, hist, out, cs, cp, topk, cs.stride(0), t, topk,
+        lengths, start, hist, hist2, out, cs, cp, cs2, cp2, topk, cs.stride(0), t, topk,
         NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     return out
