@@ -71,6 +71,18 @@ def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, 
     assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 23, lengths, None))
 
 
+def test_decode_kernel_on_scores_within_one_octave(force_impl):
+    """Positive scores spread over a few percent: the level-1 threshold bin holds nearly every key, so
+    the output comes from the level-2 split and the exact radix over its threshold bin."""
+    force_impl("triton")
+    q, k, w = _cache(2, 1, 1500, 2, 16, seed=51)
+    k = 3.0 + 0.02 * k
+    q, w = q.abs() + 1.0, w.abs() + 1.0
+    lengths = torch.tensor([1500, 1203], dtype=torch.int32, device=DEVICE)
+    got = select_topk_decode(q, k, w, 301, lengths)
+    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 301, lengths, None))
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_fp8_cache_selects_the_reference_top_k_of_the_dequantized_keys(force_impl, impl):
     force_impl(impl)

@@ -1,8 +1,8 @@
 """Triton top-k for decoding: a few query rows against a long, preallocated index-key cache.
 
 A decode step has a handful of rows (batch 8, one new token each) and ~128K keys per row, so the work is
-streaming the index keys once; what costs beyond that is launches and serial scans. Three launches, and
-the exact threshold is found in two histogram levels of the scores' order-preserving uint32 images:
+streaming the index keys once; what costs beyond that is launches and serial scans. Four launches find
+the exact threshold in two histogram levels of the scores' order-preserving uint32 images:
 
 1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
    MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
@@ -10,11 +10,16 @@ the exact threshold is found in two histogram levels of the scores' order-preser
    multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)`` for ``s > 0``).
 2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
-   that bin to a candidate buffer and histograms their next 8 bits (level 2). Slots come from per-row
-   atomic counters, so the order is arbitrary (any order of a top-k set is valid, DESIGN §3).
-3. ``_decode_select``: one program per row splits the candidates by the level-2 bin, finds the exact
-   threshold among the few left (8-bit radix passes) and writes the keys above it and, among those equal
-   to it, the lowest positions (the reference's tie rule; found bitwise, the candidates being unordered).
+   that bin to a candidate buffer and histograms their next 8 bits (level 2).
+3. ``_decode_refine``: the same split of the candidates by the level-2 histogram: higher bins to the
+   output, the threshold's bin to a second, small candidate buffer.
+4. ``_decode_select``: one program per row finds the exact threshold among those (8-bit radix passes)
+   and writes the keys above it and, among those equal to it, the lowest positions (the reference's tie
+   rule; found bitwise, as the candidates are unordered).
+
+Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
+arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
+programs; only the last launch is one program per row, over the few keys of one level-2 bin.
 
 Why histograms once per program: ``tl.histogram`` merges its warps' counts with shared-memory atomics
 (``num_warps * bins`` per call), which per 64-key step cost 1.27 ms a decode step on the H200 at 2048
@@ -37,7 +42,7 @@ BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of sco
 # step's keys are loaded before this step's math (Triton does not software-pipeline this loop).
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
-SELECT_BLOCK = 4096  # candidates per step of the final select
+SELECT_BLOCK = 4096  # level-1 candidates per refining program; candidates per step of the final select
 
 
 @triton.jit
@@ -129,7 +134,7 @@ def _decode_compact(
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 2]``."""
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 3]`` (output, level 1, level 2)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
@@ -144,10 +149,10 @@ def _decode_compact(
     n_a = tl.sum(above.to(tl.int32), 0)
     n_c = tl.sum(cand.to(tl.int32), 0)
     if n_a > 0:
-        base = tl.atomic_add(COUNT + row * 2, n_a, sem="relaxed")
+        base = tl.atomic_add(COUNT + row * 3, n_a, sem="relaxed")
         tl.store(OUT + row * sor + base + tl.cumsum(above.to(tl.int32), 0) - 1, s, mask=above)
     if n_c > 0:
-        at = tl.atomic_add(COUNT + row * 2 + 1, n_c, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
+        at = tl.atomic_add(COUNT + row * 3 + 1, n_c, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
         tl.store(CS + row * scr + at, x, mask=cand)
         tl.store(CP + row * scr + at, s, mask=cand)
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
@@ -155,16 +160,44 @@ def _decode_compact(
 
 
 @triton.jit
+def _decode_refine(
+    HIST, HIST2, COUNT, OUT, CS, CP, CS2, CP2, sor, scr, TOPK, NBITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Block ``program_id(1)`` of row ``program_id(0)``'s level-1 candidates: keys of level-2 bins above
+    the threshold's go to the output, those of its bin to ``CS2``/``CP2`` (slots from ``COUNT``)."""
+    row = tl.program_id(0).to(tl.int64)
+    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+    j0 = tl.program_id(1) * BLOCK
+    if (digit >= 0) & (j0 < n_bin):
+        digit2, _, _ = _threshold_bin(HIST2, row, TOPK - n_above, 8)
+        j = j0 + tl.arange(0, BLOCK)
+        x = tl.load(CS + row * scr + j, mask=j < n_bin, other=0.0)
+        p_j = tl.load(CP + row * scr + j, mask=j < n_bin, other=0)
+        bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
+        gt = (j < n_bin) & (bin2 > digit2)
+        eq = (j < n_bin) & (bin2 == digit2)
+        n_gt = tl.sum(gt.to(tl.int32), 0)
+        n_eq = tl.sum(eq.to(tl.int32), 0)
+        if n_gt > 0:
+            base = tl.atomic_add(COUNT + row * 3, n_gt, sem="relaxed")
+            tl.store(OUT + row * sor + base + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
+        if n_eq > 0:
+            at = tl.atomic_add(COUNT + row * 3 + 2, n_eq, sem="relaxed") + tl.cumsum(eq.to(tl.int32), 0) - 1
+            tl.store(CS2 + row * scr + at, x, mask=eq)
+            tl.store(CP2 + row * scr + at, p_j, mask=eq)
+
+
+@triton.jit
 def _decode_select(
-    LEN, START, HIST, HIST2, OUT, CS, CP, CS2, CP2, sor, scr, T, TOPK,
+    LEN, START, HIST, HIST2, OUT, CS2, CP2, sor, scr, T, TOPK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id(0)``: the exact top of the level-1 candidates after the keys already written (or
+    """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
     the -1 padding when the row sees fewer than ``TOPK`` keys)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
-    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+    digit, n_above, _ = _threshold_bin(HIST, row, TOPK, NBITS)
     out = OUT + row * sor
     if digit < 0:  # every visible key is written: pad
         n = tl.maximum(hi - lo + 1, 0)
@@ -172,36 +205,19 @@ def _decode_select(
             j = j0 + tl.arange(0, BLOCK)
             tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
     else:
-        need = TOPK - n_above
-        digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, need, 8)
-        # level-1 candidates: higher level-2 bins to the output, the threshold's bin to CS2/CP2
-        taken = tl.zeros([1], tl.int32) + n_above
-        kept = tl.zeros([1], tl.int32)
-        for j0 in range(0, n_bin, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            x = tl.load(CS + row * scr + j, mask=j < n_bin, other=0.0)
-            p_j = tl.load(CP + row * scr + j, mask=j < n_bin, other=0)
-            bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
-            gt = (j < n_bin) & (bin2 > digit2)
-            eq = (j < n_bin) & (bin2 == digit2)
-            tl.store(out + taken + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
-            at = kept + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(CS2 + row * scr + at, x, mask=eq)
-            tl.store(CP2 + row * scr + at, p_j, mask=eq)
-            taken += tl.sum(gt.to(tl.int32), 0)
-            kept += tl.sum(eq.to(tl.int32), 0)
-        tl.debug_barrier()  # CS2/CP2, stored by all threads, are read below
+        _, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
         scores = CS2 + row * scr
         pos = CP2 + row * scr
         prefix = tl.zeros([1], tl.uint32)
         pmask = tl.zeros([1], tl.uint32)
-        need = tl.zeros([1], tl.int32) + need - n_above2  # level-2 candidates still to take
+        need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
         for p in tl.static_range(4):
             prefix, pmask, need = _digit_step(
                 _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK), prefix, pmask, need, p
             )
         # ``prefix`` is the exact threshold; ``need`` of the candidates equal to it are taken.
         cut = _tie_cutoff(scores, pos, n_bin2, prefix, need, BLOCK)
+        taken = tl.zeros([1], tl.int32) + (n_above + n_above2)
         for j0 in range(0, n_bin2, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
@@ -247,12 +263,12 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 def decode_scores(q, k, w, lengths, key_start, k_scale):
     """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only) and the zeroed scratch of the later
     launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot counters
-    ``[B*T, 2]``."""
+    ``[B*T, 3]``."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
     launch = SCORE_LAUNCH if q.device.type != "cpu" else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16, num_warps=4)
-    sizes = (1 << BITS, 256, 2)
+    sizes = (1 << BITS, 256, 3)
     scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
     hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
     scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
@@ -271,7 +287,7 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
 
 
 def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
-    """Launches 2 and 3: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
+    """Launches 2-4: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
     hist, hist2, count = scratch
     rows, capacity = scores.shape
     gpu = scores.device.type != "cpu"
@@ -284,8 +300,12 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
         scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
         t, topk, NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
+    _decode_refine[(rows, triton.cdiv(capacity, select))](
+        hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
+        NBITS=BITS, BLOCK=select, num_warps=8 if gpu else 4,
+    )  # fmt: skip
     _decode_select[(rows,)](
-        lengths, start, hist, hist2, out, cs, cp, cs2, cp2, topk, cs.stride(0), t, topk,
+        lengths, start, hist, hist2, out, cs2, cp2, topk, cs.stride(0), t, topk,
         NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     return out
