@@ -36,8 +36,8 @@ def setting(block_t: int, block_s: int, stages: int, warps: int = 8) -> dict:
 # compaction epilogue can overlap the other's tensor-core work.
 VARIANTS = {
     "committed": COMMITTED,
-    "128x32 s3": setting(128, 32, 3),
-    "64x64 s3 4 warps": setting(64, 64, 3, warps=4),
+    "128x64 s4": setting(128, 64, 4),
+    "64x64 s2 4 warps": setting(64, 64, 2, warps=4),
     "64x32 s3 4 warps": setting(64, 32, 3, warps=4),
 }
 RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "stages": {}, "select_topk": {}, "errors": []}

@@ -4,22 +4,24 @@ No ``L x L`` score matrix ever exists. Prefill chunks (the candidate path) never
 
 1. ``_sample_threshold``: each block of queries scores ``SAMPLE`` keys spread evenly over the chunk's
    key window and, per query, takes the sampled score that ranks at ``CANDIDATE_FACTOR * topk`` among
-   its visible keys (scaled from the sample; an exact bitwise search over the sample): an estimate of a
+   its visible keys (scaled from the sample; a bitwise search of its leading bits): an estimate of a
    threshold that a little more than ``topk`` keys pass.
-2. ``_index_scores`` (``CANDIDATES``): one program per block of queries loads its queries once and
-   loops over all its key tiles (a tensor-core dot per head, ReLU, the per-head gate, the sum over
-   heads; tiles past the causal edge skipped)
-   and appends the (score, position) pairs at or above each query's threshold, in key order, to the
-   query's candidate buffer of ``CANDIDATES_PER_TOPK * topk`` entries.
-3. ``_select_candidates``: one program per query finds the exact k-th largest candidate in four 8-bit
-   radix passes and writes the keys above it and, in key order, as many ties as still fit.
+2. ``_candidate_scores``: one program per block of queries loads its queries once and loops over all
+   its key tiles (a tensor-core dot per head, ReLU, the per-head gate, the sum over heads; tiles past
+   the causal edge skipped) and appends the (score, position) pairs at or above each query's
+   threshold, in key order, to the query's candidate buffer of ``CANDIDATES_PER_TOPK * topk`` entries
+   (the pairs past the buffer are counted, and the largest of their scores kept).
+3. ``_select_candidates``: one program per query finds the exact k-th largest candidate by a bitwise
+   search over the keys in registers and writes the keys above it and, in key order, as many ties as
+   still fit.
 
-Exactness: when a row has at least ``topk`` candidates, every key scoring at least its k-th largest is
-among them, in key order, so ties are cut at the lowest positions exactly as on the full path. Rows
-whose estimate failed (fewer candidates than ``min(topk, visible keys)``, or more than the buffer) are
-flagged; ``settle_fallbacks`` reruns them on the full path (one host sync per ``select_topk`` call).
+Exactness: a row is settled when it has at least ``min(topk, visible keys)`` candidates and no
+candidate past its buffer beats the k-th largest in the buffer: then every key scoring above the k-th
+largest is in the buffer, and the ties with it there precede, in key order, any that did not fit, so
+ties are cut at the lowest positions exactly as on the full path. Other rows are flagged;
+``settle_fallbacks`` reruns them on the full path (one host sync per ``select_topk`` call).
 
-Full path (decoding, short chunks and the flagged rows; no host sync): ``_index_scores`` writes the
+Full path (short chunks and the flagged rows; no host sync): ``_index_scores`` writes the
 chunk's fp32 scores, one key tile per program, then an exact radix select over the order-preserving
 uint32 image of the scores, 8 bits a pass. Each row is split into segments handled by separate
 programs so a handful of long rows (decoding) still fills the GPU: ``_radix_hist`` (4 launches) adds
@@ -121,66 +123,95 @@ def _key_tile(K, s, s_ok, sks, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
 
 @triton.jit
 def _index_scores(
-    Q, K, W, LO, HI, THR, S, POS, COUNT, DROPPED,
+    Q, K, W, LO, HI, S,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
     k0, n_rows, width, scale, H, D,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    CANDIDATES: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
-    STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    """Scores of a block of queries against the keys they see (window positions ``[lo, hi]``, key
-    ``k0 + position``). ``CANDIDATES``: loops over every key tile of the block and appends the (score,
-    window position) pairs at or above ``THR`` to row buffers ``S``/``POS`` (``sst`` entries each),
-    counts in ``COUNT``, the largest score that did not fit in ``DROPPED``. Otherwise writes key tile
-    ``program_id(1)`` of the fp32 score rows ``S`` (``-inf`` where not visible)."""
+    """Key tile ``program_id(1)`` of the fp32 score rows ``S`` of a block of queries (window positions
+    ``[lo, hi]`` visible, key ``k0 + position``; ``-inf`` where not visible): the full path."""
     pid_t = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
     K += b * skb
     W += b * swb
     S += b * ssb
-    LO += b * n_rows
-    HI += b * n_rows
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n_rows
-    hi = tl.load(HI + t, mask=t_ok, other=-1)
-    lo = tl.load(LO + t, mask=t_ok, other=2147483647)
+    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
+    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
+    s0 = tl.program_id(1) * BLOCK_S
+    if (tl.min(lo, 0) < s0 + BLOCK_S) & (s0 <= tl.max(hi, 0)):  # tiles no query sees are never read
+        s_loc = s0 + tl.arange(0, BLOCK_S)
+        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+        kt = _key_tile(K, k0 + s_loc, s_loc < width, sks, D, BLOCK_D, EVEN_D)
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, False, PRECISE, UPCAST)
+        visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
+        tl.store(S + t[:, None].to(tl.int64) * sst + s_loc[None, :], tl.where(visible, score, float("-inf")),
+                 mask=t_ok[:, None] & (s_loc[None, :] < width))  # fmt: skip
+
+
+@triton.jit
+def _candidate_scores(
+    Q, K, W, LO, HI, THR, S, POS, COUNT, DROPPED,
+    sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
+    k0, n_rows, scale, H, D,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISE: tl.constexpr, UPCAST: tl.constexpr, STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """One program per block of queries loads its queries once, loops over all its key tiles and
+    appends the (score, window position) pairs at or above ``THR`` to row buffers ``S``/``POS``
+    (``sst`` entries each); counts in ``COUNT``, the largest score that did not fit in ``DROPPED``.
+    Tiles every row sees whole (most of them) run in a loop of their own without the visibility mask."""
+    pid_t = tl.program_id(0)
+    b = tl.program_id(2).to(tl.int64)
+    Q += b * sqb
+    K += b * skb
+    W += b * swb
+    S += b * ssb
+    POS += b * ssb
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < n_rows
+    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
+    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
+    thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
     start = tl.min(lo, 0) // BLOCK_S * BLOCK_S
     stop = tl.max(hi, 0) + 1
-    if CANDIDATES:
-        POS += b * ssb
-        thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
-        taken = tl.zeros([BLOCK_T], tl.int32)
-        dropped = tl.full([BLOCK_T], float("-inf"), tl.float32)
-        lo_max = tl.max(tl.where(t_ok, lo, 0), 0)
-        hi_min = tl.min(tl.where(t_ok, hi, 2147483647), 0)
-    else:
-        start = tl.maximum(start, tl.program_id(1) * BLOCK_S)
-        stop = tl.minimum(stop, tl.program_id(1) * BLOCK_S + BLOCK_S)
-    if PER_HEAD:
-        q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
-    else:
-        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
-    for s0 in range(start, stop, BLOCK_S):
+    # [inner_start, inner_stop): tiles inside every valid row's visible range
+    inner_start = tl.maximum(start, tl.cdiv(tl.max(tl.where(t_ok, lo, 0), 0), BLOCK_S) * BLOCK_S)
+    inner_stop = tl.maximum(inner_start, (tl.min(tl.where(t_ok, hi, stop), 0) + 1) // BLOCK_S * BLOCK_S)
+    q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
+    state = (tl.zeros([BLOCK_T], tl.int32), tl.full([BLOCK_T], float("-inf"), tl.float32))
+    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, start, inner_start, stop, k0, sks, sst,
+                             scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, True, PRECISE, UPCAST, STORE_ASM,
+                             EVEN_D)  # fmt: skip
+    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, inner_start, inner_stop, stop, k0, sks,
+                             sst, scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, False, PRECISE, UPCAST,
+                             STORE_ASM, EVEN_D)  # fmt: skip
+    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, inner_stop, stop, stop, k0, sks, sst,
+                             scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, True, PRECISE, UPCAST, STORE_ASM,
+                             EVEN_D)  # fmt: skip
+    tl.store(COUNT + b * n_rows + t, state[0], mask=t_ok)
+    tl.store(DROPPED + b * n_rows + t, state[1], mask=t_ok)
+
+
+@triton.jit
+def _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, begin, end, stop, k0, sks, sst, scale, D,
+                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                     BLOCK_D: tl.constexpr, MASKED: tl.constexpr, PRECISE: tl.constexpr,
+                     UPCAST: tl.constexpr, STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr):  # fmt: skip
+    """The key tiles ``[begin, end)`` of ``_candidate_scores``; ``state`` = (counts, dropped maximum)."""
+    taken, dropped = state
+    for s0 in range(begin, end, BLOCK_S):
         s_loc = s0 + tl.arange(0, BLOCK_S)
         kt = _key_tile(K, k0 + s_loc, s_loc < stop, sks, D, BLOCK_D, EVEN_D)
-        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
-        visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
-        if CANDIDATES:
-            if (s0 >= lo_max) & (s0 + BLOCK_S <= hi_min + 1):  # every row sees the whole tile
-                keep = score >= thr[:, None]
-            else:
-                keep = visible & (score >= thr[:, None])
-            taken, dropped = _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S, STORE_ASM)
-        else:
-            tl.store(
-                S + t[:, None].to(tl.int64) * sst + s_loc[None, :],
-                tl.where(visible, score, float("-inf")),
-                mask=t_ok[:, None] & (s_loc[None, :] < width),
-            )
-    if CANDIDATES:
-        tl.store(COUNT + b * n_rows + t, taken, mask=t_ok)
-        tl.store(DROPPED + b * n_rows + t, dropped, mask=t_ok)
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, True, PRECISE, UPCAST)
+        keep = score >= thr[:, None]
+        if MASKED:
+            keep = keep & (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
+        taken, dropped = _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S, STORE_ASM)
+    return taken, dropped
 
 
 @triton.jit
@@ -217,6 +248,7 @@ def _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S: tl.con
     is the number of kept entries before it in its row: each row's keep bits are gathered into 32-bit
     words by a reduction and counted with popcounts, all in the tile's own layout (a ``tl.cumsum``
     along the keys moved the tile through shared memory twice)."""
+    may_drop = tl.max(taken, 0) + BLOCK_S > sst  # a row of the block may fill its buffer in this tile
     j = tl.arange(0, BLOCK_S)
     bit = tl.full([BLOCK_S], 1, tl.uint32) << (j % 32).to(tl.uint32)
     word = tl.zeros(keep.shape, tl.uint32)  # the keep bits of each entry's own word
@@ -232,7 +264,8 @@ def _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S: tl.con
     fits = keep & (at < sst)
     _store_where(S + dst, score, fits, STORE_ASM)
     _store_where(POS + dst, s_loc[None, :] + tl.zeros_like(at), fits, STORE_ASM)
-    dropped = tl.maximum(dropped, tl.max(tl.where(keep & ~fits, score, float("-inf")), 1))
+    if may_drop:
+        dropped = tl.maximum(dropped, tl.max(tl.where(keep & ~fits, score, float("-inf")), 1))
     return taken, dropped
 
 
@@ -258,8 +291,7 @@ def _sample_threshold(
     sqb, sqt, sqh, skb, sks, swb, swt,
     k0, n_rows, width, scale, H, D, RANK,
     M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, PER_HEAD: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
     (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
@@ -275,16 +307,13 @@ def _sample_threshold(
     t_ok = t < n_rows
     hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
     lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=0)
-    if PER_HEAD:
-        q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
-    else:
-        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+    q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     rows = SMP + (b * n_rows + t[:, None]) * M
     for j0 in range(0, M, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)
         p = ((j.to(tl.int64) * width) // M).to(tl.int32)
         kt = _key_tile(K, k0 + p, p == p, sks, D, BLOCK_D, EVEN_D)
-        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, PER_HEAD, PRECISE, UPCAST)
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, False, PRECISE, UPCAST)
         visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
         tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
     tl.debug_barrier()  # the block reads back what all of its threads wrote
@@ -487,37 +516,24 @@ def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot
     tl.store(FAIL + row, (~ok).to(tl.int8))
 
 
-def _launch_scores(q, k, w, lo, hi, k0, width, dest, candidates=None) -> None:
-    """``_index_scores`` over the queries of ``q``: dense fp32 rows ``dest [B, Tc, width]``, or with
-    ``candidates = (thr, pos, count, dropped)`` the candidate buffers ``dest``/``pos`` ``[B, Tc, cap]``."""
+def _launch_scores(q, k, w, lo, hi, k0, width, scores) -> None:
+    """``_index_scores`` over the queries of ``q``: dense fp32 rows ``scores [B, Tc, width]``."""
     batch, rows, heads, dim = q.shape
     gpu = q.device.type != "cpu"
     block_h = triton.next_power_of_2(heads)
     block_d = triton.next_power_of_2(dim)
     wide = q.element_size() > 2  # 32-bit tiles: half the tile in the same shared memory
-    if candidates is None:
-        thr = pos = count = dropped = dest
-        block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
-        # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
-        # worth keeps registers and shared memory small, so more key tiles are in flight.
-        block_t = min(block_t, max(16 // block_h, triton.next_power_of_2(rows)))
-        warps, stages, key_tiles = 8 if gpu else 4, 1 if wide else 2, triton.cdiv(width, block_s)
-    else:
-        thr, pos, count, dropped = candidates
-        launch = CANDIDATE_LAUNCH_FP32 if wide else CANDIDATE_LAUNCH
-        if not gpu:
-            launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
-        block_t, block_s = launch["BLOCK_T"], launch["BLOCK_S"]
-        warps, stages, key_tiles = launch["num_warps"], launch["num_stages"], 1
-    _index_scores[(triton.cdiv(rows, block_t), key_tiles, batch)](
-        q, k, w, lo, hi, thr, dest, pos, count, dropped,
+    block_t, block_s = ((16, 64) if wide else (32, 128)) if gpu else (max(4, 16 // block_h), 16)
+    # Decoding scores one query per row: a tile of 16 MMA rows (the minimum) instead of 32 queries'
+    # worth keeps registers and shared memory small, so more key tiles are in flight.
+    block_t = min(block_t, max(16 // block_h, triton.next_power_of_2(rows)))
+    _index_scores[(triton.cdiv(rows, block_t), triton.cdiv(width, block_s), batch)](
+        q, k, w, lo, hi, scores,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        dest.stride(0), dest.stride(1),
+        scores.stride(0), scores.stride(1),
         k0, rows, width, dim**-0.5, heads, dim,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d,
-        CANDIDATES=candidates is not None, PER_HEAD=candidates is not None,
-        STORE_ASM=gpu and not interpreting(), EVEN_D=dim == block_d, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=stages,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, EVEN_D=dim == block_d,
+        **dot_flags(q.dtype), num_warps=8 if gpu else 4, num_stages=1 if wide else 2,
     )  # fmt: skip
 
 
@@ -535,7 +551,7 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
         M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
-        PER_HEAD=False, EVEN_D=dim == triton.next_power_of_2(dim), **dot_flags(q.dtype),
+        EVEN_D=dim == triton.next_power_of_2(dim), **dot_flags(q.dtype),
         num_warps=8 if gpu else 4,
     )  # fmt: skip
     return thr
@@ -550,7 +566,20 @@ def score_candidates(q, k, w, lo, hi, k0, width, thr, topk):
     cp = torch.empty(batch, rows, cap, device=q.device, dtype=torch.int32)
     count = torch.empty(batch, rows, device=q.device, dtype=torch.int32)
     dropped = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
-    _launch_scores(q, k, w, lo, hi, k0, width, cs, (thr, cp, count, dropped))
+    gpu = q.device.type != "cpu"
+    launch = CANDIDATE_LAUNCH_FP32 if q.element_size() > 2 else CANDIDATE_LAUNCH
+    if not gpu:
+        launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
+    heads, dim = q.shape[2:]
+    block_d = triton.next_power_of_2(dim)
+    _candidate_scores[(triton.cdiv(rows, launch["BLOCK_T"]), 1, batch)](
+        q, k, w, lo, hi, thr, cs, cp, count, dropped,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
+        cs.stride(0), cs.stride(1),
+        k0, rows, dim**-0.5, heads, dim,
+        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=block_d, STORE_ASM=gpu and not interpreting(),
+        EVEN_D=dim == block_d, **dot_flags(q.dtype), **launch,
+    )  # fmt: skip
     return cs, cp, count, dropped
 
 
