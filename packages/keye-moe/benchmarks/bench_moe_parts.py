@@ -4,9 +4,8 @@ A tuning companion to ``bench_moe.py`` (whose block table goes to BENCHMARKS.md)
 shape it checks the fused router, the plan kernels and the Triton experts against their references on
 the GPU, then times each forward part (router, plan, gate/up kernel, down kernel, k-sum) next to the
 bare ``F.grouped_mm`` GEMM of the same part, lists every kernel of one block forward (and of one
-forward+backward) with its time, and sweeps the two forward GEMM kernels over tile configurations and
-launch forms: a program per tile, or a persistent grid of one (two) programs per SM, the tile and k
-loops flattened into one pipelined loop or not.
+forward+backward) with its time, and sweeps the two forward GEMM kernels over tile configurations (the
+down projection both as the persistent TMA kernel and as the pointer-load ``grouped_gemm_kernel``).
 
 Usage: python bench_moe_parts.py [--quick] [--out parts.json]; ``--quick`` (or no GPU) runs tiny shapes
 in the Triton interpreter to check the script.
@@ -35,35 +34,23 @@ from keye_moe.experts.triton import kernels as K
 from keye_moe.experts.triton.plan import make_plan, reference_plan
 from keye_moe.layers.topk_softmax import reference_topk_softmax
 
-FORMS = [(None, False), (1, False), (1, True), (2, True)]  # (programs per SM or one per tile, flatten)
-# (kernel, tiles (BLOCK_N, BLOCK_K, warps, stages), TMA for the down kernel's operands), most telling first
+# (kernel, tiles (BLOCK_N, BLOCK_K, warps, stages), TMA): the down kernel without TMA is grouped_gemm_kernel
 SWEEP = [
+    ("gate_up", (128, 64, 8, 3), True),
+    ("gate_up", (128, 32, 8, 5), True),
+    ("gate_up", (128, 64, 8, 4), True),
+    ("down", (256, 64, 8, 4), True),
     ("down", (256, 64, 8, 3), True),
     ("down", (256, 64, 8, 3), False),
-    ("gate_up", (128, 32, 8, 5), True),
-    ("down", (128, 64, 8, 3), True),
-    ("gate_up", (128, 64, 8, 3), True),
-    ("down", (128, 64, 8, 3), False),
-    ("gate_up", (128, 32, 8, 6), True),
-    ("down", (256, 32, 8, 5), True),
-    ("down", (256, 64, 8, 4), True),
 ]
-PINNED = {"gate_up": (128, 32, 8, 5), "down": (256, 64, 8, 3)}  # the 2026-11-29 winners
-# block timings: (label, launch form, TMA for the down kernel); the first is the 2026-11-29 kernel
-BLOCK_FORMS = [
-    ("program per tile, down by pointers", (None, False), False),
-    ("persistent flattened, down by pointers", (1, True), False),
-    ("persistent flattened, down by TMA", (1, True), True),
-    ("persistent, down by TMA", (1, False), True),
-]
+PINNED = {"gate_up": (128, 64, 8, 3), "down": (256, 64, 8, 4)}  # the 2026-11-30 winners
 
 
 @contextlib.contextmanager
-def setup(kernel=None, config=None, tma: bool | None = None, form=None, down_tma: bool | None = None):
-    """Restrict ``kernel`` to one config (no autotuning), force TMA on or off (everywhere, or only for the
-    two-operand checks of ``grouped_gemm_kernel``), and/or pick the launch form ``(programs per SM or
-    None, flatten)``, for the block."""
-    saved_tma, saved_form = K.tma_ok, (TF.PROGRAMS_PER_SM, TF.FLATTEN)
+def setup(kernel=None, config=None, tma: bool | None = None, down_tma: bool | None = None):
+    """Restrict ``kernel`` to one config (no autotuning) and/or force TMA off (everywhere, or only for the
+    down projection, which then runs ``grouped_gemm_kernel``), for the block."""
+    saved_tma = K.tma_ok
     saved = kernel.configs if kernel is not None else None
     if config is not None:
         bn, bk, warps, stages = config
@@ -72,13 +59,10 @@ def setup(kernel=None, config=None, tma: bool | None = None, form=None, down_tma
         K.tma_ok = lambda *tensors: False
     if down_tma is False:
         K.tma_ok = lambda *tensors: len(tensors) == 1 and saved_tma(*tensors)
-    if form is not None:
-        TF.PROGRAMS_PER_SM, TF.FLATTEN = form
     try:
         yield
     finally:
         K.tma_ok = saved_tma
-        TF.PROGRAMS_PER_SM, TF.FLATTEN = saved_form
         if kernel is not None:
             kernel.configs = saved
 
@@ -90,7 +74,7 @@ def pinned():
     wgrad = K.grouped_wgrad_kernel.configs
     K.grouped_wgrad_kernel.configs = wgrad[:1]
     try:
-        with setup(K.gate_up_swiglu_kernel, PINNED["gate_up"]), setup(K.grouped_gemm_kernel, PINNED["down"]):
+        with setup(K.gate_up_swiglu_kernel, PINNED["gate_up"]), setup(K.down_scatter_kernel, PINNED["down"]):
             yield
     finally:
         K.grouped_wgrad_kernel.configs = wgrad
@@ -145,15 +129,10 @@ def main() -> None:
     ref_out = loop_experts(x, ids, w, gu_w, dn_w)
     ref_out.backward(grad)
     ref = [ref_out.detach()] + [tt.grad.clone() for tt in (x, w, gu_w, dn_w)]
-    checks = (
-        ("persistent", None, None),
-        ("persistent pointers", False, None),
-        ("per tile", None, (None, False)),
-    )
-    for label, tma, form in checks:
+    for label, tma in (("TMA", None), ("pointers", False)):
         for tt in (x, w, gu_w, dn_w):
             tt.grad = None
-        with setup(tma=tma, form=form):
+        with setup(tma=tma):
             out = TF.triton_experts(x, ids, w, gu_w, dn_w)
             out.backward(grad)
         errs = [rel(a, b) for a, b in zip([out.detach()] + [tt.grad for tt in (x, w, gu_w, dn_w)], ref)]
@@ -229,12 +208,12 @@ def main() -> None:
                 )
                 timed("bare grouped_mm down GEMM", lambda: F.grouped_mm(acts, w2, offs=d.offsets), flops / 3)
                 del xs, acts
-            for label, form, down_tma in BLOCK_FORMS:
-                with setup(form=form, down_tma=down_tma):
-                    timed(f"block forward: {label}", lambda: block(xb[None])[0], flops)
-        for label, form, down_tma in BLOCK_FORMS[:3]:
-            with setup(form=form, down_tma=down_tma):
-                timed(f"block forward+backward: {label}", fwd_bwd, 3 * flops)
+            timed("block forward", lambda: block(xb[None])[0], flops)
+            with setup(down_tma=False):
+                timed(
+                    "block forward, down projection by grouped_gemm_kernel", lambda: block(xb[None])[0], flops
+                )
+        timed("block forward+backward", fwd_bwd, 3 * flops)
         save()
         if CUDA:
             with (
@@ -251,7 +230,7 @@ def main() -> None:
     print(elapsed(), flush=True)
     save()
 
-    # ------------------------------------------------------------------ launch forms x tiles
+    # ------------------------------------------------------------------ tiles
     def gate_up_fn(plan):
         return lambda: TF.gate_up_swiglu(xb, gate_up, plan, False)
 
@@ -266,31 +245,32 @@ def main() -> None:
     with torch.no_grad():
         for label, config, tma in SWEEP:
             kernel, part_flops, fn, expected = kernels[label]
+            if label == "down" and not tma:
+                kernel = K.grouped_gemm_kernel
             used = (
                 len(expected) if label == "down" else int(p_new.used_blocks) * p_new.block_m
             )  # no tail rows
-            for form in FORMS:
-                if time.perf_counter() - t_start > args.budget_s:
-                    print("sweep budget spent; stopping")
-                    save()
-                    return
-                row = {"kernel": label, "config": config, "form": form, "tma": tma}
-                try:
-                    with setup(kernel, config, form=form, down_tma=tma):
-                        got = fn()
-                        got = got[0] if isinstance(got, tuple) else got
-                        diff = (got[:used].float() - expected[:used].float()).abs().max()
-                        row["max_abs_diff_vs_pinned"] = float(diff)
-                        ms = bench(fn)
-                    row.update(ms=ms, tflops=part_flops / ms / 1e9)
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                report["sweep"].append(row)
-                save()
-                speed = f"{row.get('ms', float('nan')):8.4f} ms {row.get('tflops', 0):7.1f} TFLOP/s"
-                diff = row.get("max_abs_diff_vs_pinned", float("nan"))
-                print(f"sweep {label:<8} {config} tma={tma!s:<5} form={form!s:<14} {speed} "
-                      f"diff {diff:.1e} {row.get('error', '')} {elapsed()}", flush=True)  # fmt: skip
+            if time.perf_counter() - t_start > args.budget_s:
+                print("sweep budget spent; stopping")
+                break
+            row = {"kernel": label, "config": config, "tma": tma}
+            try:
+                with setup(kernel, config, down_tma=tma):
+                    got = fn()
+                    got = got[0] if isinstance(got, tuple) else got
+                    row["max_abs_diff_vs_pinned"] = float(
+                        (got[:used].float() - expected[:used].float()).abs().max()
+                    )
+                    ms = bench(fn)
+                row.update(ms=ms, tflops=part_flops / ms / 1e9)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            report["sweep"].append(row)
+            save()
+            speed = f"{row.get('ms', float('nan')):8.4f} ms {row.get('tflops', 0):7.1f} TFLOP/s"
+            diff = row.get("max_abs_diff_vs_pinned", float("nan"))
+            print(f"sweep {label:<8} {config} tma={tma!s:<5} {speed} diff {diff:.1e} {row.get('error', '')} "
+                  f"{elapsed()}", flush=True)  # fmt: skip
     save()
     print(f"done in {time.perf_counter() - t_start:.0f}s")
 

@@ -103,3 +103,18 @@ def test_fused_topk_softmax_names_bad_logits():
 
     with pytest.raises(ValueError, match="logits must be"):
         topk_softmax(torch.randn(4, 3), 5, True)
+
+
+def test_fused_topk_softmax_statistics_over_many_row_blocks():
+    """2085 rows = 66 blocks of 32: more partial rows than one pass of the block-summing kernel (64)."""
+    from keye_moe.layers.topk_softmax import reference_topk_softmax, topk_softmax
+
+    g = torch.Generator().manual_seed(5)
+    n, e, k = 2085, 10, 3
+    logits = torch.randn(n, e, generator=g)
+    mask = (torch.rand(n, generator=g) > 0.3).float()
+    _, _, counts, prob_sum = topk_softmax(logits, k, True, None, mask)
+    ref_ids, _, probs = reference_topk_softmax(logits, k, True)
+    ref_counts = torch.zeros(e).index_add_(0, ref_ids.reshape(-1), mask.repeat_interleave(k))
+    assert torch.equal(counts, ref_counts)
+    assert torch.allclose(prob_sum, (probs * mask[:, None]).sum(0), rtol=1e-5, atol=1e-5)

@@ -3,9 +3,9 @@
 In PyTorch these are about a dozen kernels over the ``[N, E]`` logits (fp32 softmax, topk, sum,
 divide, cast, then an atomic ``index_add_`` and a column sum for the statistics); the kernel reads the
 logits once per block of rows and writes the top-k ids and weights plus per-block partial statistics
-(summed afterwards, so the result is deterministic). ``reference_topk_softmax`` is the PyTorch math
-(transformers' ``Qwen3MoeTopKRouter``); the backward recomputes it with the kernel's chosen ids, so the
-gradients are exactly the reference's.
+(summed afterwards in a fixed order by a second small kernel, so the result is deterministic).
+``reference_topk_softmax`` is the PyTorch math (transformers' ``Qwen3MoeTopKRouter``); the backward
+recomputes it with the kernel's chosen ids, so the gradients are exactly the reference's.
 """
 
 from __future__ import annotations
@@ -97,6 +97,20 @@ def _topk_softmax_kernel(
         tl.store(probsum_ptr + pid * E + cols, tl.sum(probs * m[:, None], 0), mask=col_ok)
 
 
+@triton.jit
+def _sum_blocks_kernel(parts_ptr, out_ptr, BLOCKS, E, BLOCK_B: tl.constexpr, E_POW2: tl.constexpr):
+    """``out[s] = sum_b parts[s, b]`` for the two ``[blocks, E]`` statistics, one program each, in a
+    fixed order. (Two ``torch.sum`` calls over dim 1 took 2 x 10.6 us on the H200.)"""
+    s = tl.program_id(0)
+    cols = tl.arange(0, E_POW2)
+    acc = tl.zeros((BLOCK_B, E_POW2), dtype=tl.float32)
+    for b0 in range(0, BLOCKS, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        ptrs = parts_ptr + (s * BLOCKS + rows)[:, None] * E + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows < BLOCKS)[:, None] & (cols < E)[None, :], other=0.0)
+    tl.store(out_ptr + s * E + cols, tl.sum(acc, 0), mask=cols < E)
+
+
 class TopkSoftmax(torch.autograd.Function):
     """logits -> (ids, weights, tokens per expert, summed probabilities); the last two only with stats
     (fp32 ``[E]``, rows weighted by the token mask)."""
@@ -116,7 +130,14 @@ class TopkSoftmax(torch.autograd.Function):
                 BLOCK_ROWS=BLOCK_ROWS, NORM=norm, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 STATS=stats, num_warps=4,
             )  # fmt: skip
-        counts, prob_sum = (parts[0].sum(0), parts[1].sum(0)) if stats and n else (parts.new_zeros(e),) * 2
+        if stats and n:
+            sums = parts.new_empty(2, e)
+            e_pow2 = triton.next_power_of_2(e)
+            block_b = max(1, min(64, 8192 // e_pow2))
+            _sum_blocks_kernel[(2,)](parts, sums, blocks, e, BLOCK_B=block_b, E_POW2=e_pow2, num_warps=4)
+            counts, prob_sum = sums[0], sums[1]
+        else:
+            counts, prob_sum = (parts.new_zeros(e),) * 2
         ctx.save_for_backward(logits, ids, mask)
         ctx.norm = norm
         ctx.mark_non_differentiable(ids, counts)

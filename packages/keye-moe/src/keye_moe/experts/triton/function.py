@@ -26,26 +26,20 @@ def pick_block_m(rows: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 32 else 64 if per_expert <= 128 else 128
 
 
-PROGRAMS_PER_SM: int | None = 1  # persistent grid size; None: one program per tile (the old grid)
-FLATTEN = True  # flatten the tile and k loops into one pipelined loop
-
-
 @functools.cache
 def _sm_count(device: int) -> int:
     return 4 if K.INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _grid(plan: Plan, n_out: int):
-    """One program per SM looping over the (row block, n tile) tiles, never more programs than tiles."""
+    """A program per (n tile, row block): the backward GEMMs."""
+    return lambda meta: (triton.cdiv(n_out, meta["BLOCK_N"]), plan.num_blocks)
 
-    def grid(meta):
-        tiles = plan.num_blocks * triton.cdiv(n_out, meta["BLOCK_N"])
-        if PROGRAMS_PER_SM is None:
-            return (tiles,)
-        device = plan.row_slot.device.index or 0
-        return (min(tiles, PROGRAMS_PER_SM * _sm_count(device)),)
 
-    return grid
+def _persistent_grid(plan: Plan, n_out: int):
+    """A program per SM looping over the tiles (never more programs than tiles): the forward GEMMs."""
+    sms = _sm_count(plan.row_slot.device.index or 0)
+    return lambda meta: (min(sms, plan.num_blocks * triton.cdiv(n_out, meta["BLOCK_N"])),)
 
 
 def _tune(plan: Plan) -> bool:
@@ -67,13 +61,13 @@ def _grouped_gemm(
         gu if gu is not None else c,
         act if act is not None else c,
         d_scale if d_scale is not None else c,
-        plan.row_slot, plan.block_expert, plan.used_blocks,
-        n_out, k_red, b.shape[0], plan.top_k, b.shape[1], b.shape[2], a.shape[0],
+        plan.row_slot, plan.block_expert,
+        n_out, k_red, b.shape[0], plan.top_k, b.shape[1], b.shape[2],
         a.stride(0), c.stride(0),
         gu.stride(0) if gu is not None else 0,
         d_scale.stride(0) if d_scale is not None else 0,
         BLOCK_M=plan.block_m, A_MODE=a_mode, B_KN=b_kn, C_BY_SLOT=c_by_slot, EPILOGUE=epilogue,
-        IEEE=a.dtype == torch.float32, FLATTEN=FLATTEN, TMA=K.tma_ok(a, b), tune=_tune(plan),
+        IEEE=a.dtype == torch.float32, tune=_tune(plan),
     )  # fmt: skip
 
 
@@ -99,18 +93,28 @@ def gate_up_swiglu(hidden, gate_up_proj, plan: Plan, store_preact: bool):
     gu = hidden.new_empty(rows, two_i) if store_preact else act
     K.launch(
         K.gate_up_swiglu_kernel,
-        _grid(plan, two_i // 2),
+        _persistent_grid(plan, two_i // 2),
         hidden, gate_up_proj, act, gu, plan.row_slot, plan.block_expert, plan.used_blocks,
         h, two_i // 2, e, plan.top_k, hidden.stride(0), act.stride(0), gu.stride(0),
         BLOCK_M=plan.block_m, STORE_PREACT=store_preact, TMA=K.tma_ok(gate_up_proj),
-        IEEE=hidden.dtype == torch.float32, FLATTEN=FLATTEN, tune=_tune(plan),
+        IEEE=hidden.dtype == torch.float32, tune=_tune(plan),
     )  # fmt: skip
     return act, gu
 
 
 def down_scatter(act, topk_weights, down_proj, plan: Plan):
     """-> ``[N*K, H]``: each row's down projection times its routing weight, in slot order."""
-    y = act.new_empty(topk_weights.numel(), down_proj.shape[1])
+    e, h, i = down_proj.shape
+    y = act.new_empty(topk_weights.numel(), h)
+    if K.tma_ok(act, down_proj):
+        K.launch(
+            K.down_scatter_kernel,
+            _persistent_grid(plan, h),
+            act, down_proj, y, topk_weights, plan.row_slot, plan.block_expert, plan.used_blocks,
+            act.shape[0], h, i, e, y.stride(0),
+            BLOCK_M=plan.block_m, IEEE=act.dtype == torch.float32, tune=_tune(plan),
+        )  # fmt: skip
+        return y
     _grouped_gemm(
         act, down_proj, y, plan, n_out=down_proj.shape[1], a_mode=K.PADDED, b_kn=False, c_by_slot=True,
         epilogue=K.SCALE, scale=topk_weights,

@@ -1,18 +1,23 @@
 """Grouped-GEMM kernels over the padded dispatch of ``plan.py``.
 
-Three kernels cover the forward and backward passes:
+Four kernels cover the forward and backward passes:
 - ``gate_up_swiglu_kernel``: gathers token rows of ``x`` by slot, multiplies by the expert's gate and up
   rows (two accumulators) and writes ``silu(gate) * up`` (and, for backward, the pre-activations).
+- ``down_scatter_kernel`` (TMA-capable GPUs): the forward down projection, each row times its routing
+  weight, written to its slot.
 - ``grouped_gemm_kernel``: ``C = A @ B_e`` per row block, where A rows are read in padded order or
   gathered by slot or token, C rows are written in padded order or scattered to their slot, and the
   epilogue may scale rows by their routing weight or (backward) turn dOut @ down_e into d(gate, up) and
-  the routing-weight gradient.
+  the routing-weight gradient. It is the backward's dAct and dx GEMM, and the forward down projection
+  where TMA is unavailable.
 - ``grouped_wgrad_kernel``: per expert, ``dW_e = L_e^T @ R_e`` reducing over that expert's rows, with L
   and R each read in padded order, by slot, or by token (L optionally scaled by the routing weight).
-Accumulation is fp32. Grids put the N tiles of one row block next to each other so the gathered A rows
-and the expert's weights stay in L2. On Hopper the gate/up weights arrive by TMA (a device-side 3-D
-descriptor over the stacked experts), elsewhere by pointer loads; the other kernels use pointer loads
-(measured as fast or faster than TMA for the down projection, BENCHMARKS.md).
+Accumulation is fp32. Tiles are ordered with the N tiles of one row block next to each other so the
+gathered A rows and the expert's weights stay in L2. The two forward kernels run a persistent grid (a
+program per SM looping over the tiles of the used row blocks); on Hopper they read the weights (and the
+down kernel its padded A rows) by TMA from device-side descriptors over the stacked experts. The backward
+kernels launch a program per tile with pointer loads (the persistent, flattened form measured slower
+there, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -94,22 +99,10 @@ def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
-@triton.jit
-def _weight_descriptor(w_ptr, E, ROWS, COLS, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, KN: tl.constexpr):
-    """A 3-D descriptor over stacked weights ``[E, ROWS, COLS]``: ``[1, BLOCK_K, BLOCK_N]`` boxes when the
-    reduction runs along the rows (``KN``), else ``[1, BLOCK_N, BLOCK_K]``."""
-    if KN:
-        return tl.make_tensor_descriptor(
-            w_ptr, [E, ROWS, COLS], [ROWS * COLS, COLS, 1], [1, BLOCK_K, BLOCK_N]
-        )
-    else:
-        return tl.make_tensor_descriptor(
-            w_ptr, [E, ROWS, COLS], [ROWS * COLS, COLS, 1], [1, BLOCK_N, BLOCK_K]
-        )
-
-
 @triton.autotune(
-    configs=_configs([(64, 64, 4, 4), (128, 32, 8, 5), (128, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
+    configs=_configs(
+        [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 8, 5), (128, 64, 8, 4)], ("BLOCK_N", "BLOCK_K")
+    ),
     key=["H", "I", "BLOCK_M"],
 )
 @triton.jit
@@ -134,18 +127,17 @@ def gate_up_swiglu_kernel(
     STORE_PREACT: tl.constexpr,
     TMA: tl.constexpr,
     IEEE: tl.constexpr,
-    FLATTEN: tl.constexpr,
 ):
-    """A persistent loop over (row block, n tile) tiles, n fastest, so neighbouring programs share the
-    gathered rows and the expert's weights in L2; ``FLATTEN`` lets the pipeliner load the next tile
-    while this one's epilogue runs."""
+    """A persistent loop over the (row block, n tile) tiles, n fastest, so that the programs running
+    together share the gathered rows and the expert's weights in L2. (Flattening the tile and k loops
+    into one pipelined loop made this kernel slower on the H200, BENCHMARKS.md.)"""
     n_tiles = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(used_blocks_ptr) * n_tiles
     k_tiles = tl.cdiv(H, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
     if TMA:
         desc = tl.make_tensor_descriptor(w_ptr, [E, 2 * I, H], [2 * I * H, H, 1], [1, BLOCK_N, BLOCK_K])
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m = tile // n_tiles
         n0 = (tile % n_tiles) * BLOCK_N
         e = tl.load(block_expert_ptr + pid_m)
@@ -200,14 +192,12 @@ def grouped_gemm_kernel(
     dscale_ptr,
     row_slot_ptr,
     block_expert_ptr,
-    used_blocks_ptr,
     N_OUT,
     K_RED,
     E,
     TOP_K,
     B_ROWS,
     B_COLS,
-    A_ROWS,
     stride_a,
     stride_c,
     stride_gu,
@@ -220,79 +210,39 @@ def grouped_gemm_kernel(
     C_BY_SLOT: tl.constexpr,
     EPILOGUE: tl.constexpr,
     IEEE: tl.constexpr,
-    FLATTEN: tl.constexpr,
-    TMA: tl.constexpr,
 ):
-    """The same persistent tile loop as ``gate_up_swiglu_kernel``. With ``TMA`` the weights, and A when
-    its rows are read in padded order, arrive by TMA bulk copies."""
-    n_tiles = tl.cdiv(N_OUT, BLOCK_N)
-    num_tiles = tl.load(used_blocks_ptr) * n_tiles
-    k_tiles = tl.cdiv(K_RED, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    if TMA:
-        if A_MODE == _PADDED:
-            a_desc = tl.make_tensor_descriptor(a_ptr, [A_ROWS, K_RED], [stride_a, 1], [BLOCK_M, BLOCK_K])
-        b_desc = _weight_descriptor(b_ptr, E, B_ROWS, B_COLS, BLOCK_K, BLOCK_N, B_KN)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
-        pid_m = tile // n_tiles
-        pid_n = tile % n_tiles
-        e = tl.load(block_expert_ptr + pid_m)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot = tl.load(row_slot_ptr + rows)
-        valid = slot >= 0
-        slot64 = tl.where(valid, slot, 0).to(tl.int64)
-        a_rows = _row_index(rows, slot64, A_MODE, TOP_K)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N_OUT
-        b_base = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            k0 = ki * BLOCK_K
-            kk = k0 + offs_k
-            k_mask = kk < K_RED
-            if TMA and A_MODE == _PADDED:
-                a = a_desc.load([pid_m * BLOCK_M, k0])
-            else:
-                a_ptrs = a_ptr + a_rows[:, None] * stride_a + kk[None, :]
-                a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            if TMA and B_KN:
-                b = b_desc.load([e, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            elif TMA:
-                b = _weight_tile(b_desc, e, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K)
-            else:
-                if B_KN:
-                    b_ptrs = b_base + kk[:, None] * B_COLS + offs_n[None, :]
-                else:
-                    b_ptrs = b_base + kk[:, None] + offs_n[None, :] * B_COLS
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, IEEE)
-        _grouped_gemm_epilogue(
-            acc, c_ptr, scale_ptr, gu_ptr, act_ptr, dscale_ptr, rows.to(tl.int64), slot64, valid, offs_n,
-            pid_n, N_OUT, stride_c, stride_gu, stride_ds, C_BY_SLOT, EPILOGUE,
-        )  # fmt: skip
-
-
-@triton.jit
-def _grouped_gemm_epilogue(
-    acc,
-    c_ptr,
-    scale_ptr,
-    gu_ptr,
-    act_ptr,
-    dscale_ptr,
-    rows64,
-    slot64,
-    valid,
-    offs_n,
-    pid_n,
-    N_OUT,
-    stride_c,
-    stride_gu,
-    stride_ds,
-    C_BY_SLOT: tl.constexpr,
-    EPILOGUE: tl.constexpr,
-):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= E:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(row_slot_ptr + rows)
+    valid = slot >= 0
+    slot64 = tl.where(valid, slot, 0).to(tl.int64)
+    rows64 = rows.to(tl.int64)
+    a_rows = _row_index(rows, slot64, A_MODE, TOP_K)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * B_ROWS * B_COLS
+    if B_KN:
+        b_ptrs += offs_k[:, None] * B_COLS + offs_n[None, :]
+    else:
+        b_ptrs += offs_k[:, None] + offs_n[None, :] * B_COLS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_RED, BLOCK_K):
+        k_mask = offs_k + k0 < K_RED
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a_ptrs += BLOCK_K
+        if B_KN:
+            b_ptrs += BLOCK_K * B_COLS
+        else:
+            b_ptrs += BLOCK_K
+        acc = _mma(a, b, acc, IEEE)
     if EPILOGUE == _SWIGLU_BWD:
         # acc = dOut[token] @ down_e: the unweighted d(act) of columns n < I (= N_OUT). This tile's share
         # of the routing-weight gradient is sum_n acc * act; then d(act) = w * acc goes through SwiGLU's
@@ -319,6 +269,57 @@ def _grouped_gemm_epilogue(
         else:
             c = c_ptr + rows64[:, None] * stride_c + offs_n[None, :]
             tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.autotune(
+    configs=_configs([(256, 64, 8, 4), (256, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
+    key=["H", "I", "BLOCK_M"],
+)
+@triton.jit
+def down_scatter_kernel(
+    act_ptr,
+    w_ptr,
+    y_ptr,
+    scale_ptr,
+    row_slot_ptr,
+    block_expert_ptr,
+    used_blocks_ptr,
+    ROWS,
+    H,
+    I,
+    E,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Forward down projection on TMA-capable GPUs: ``y[slot] = w[slot] * act[row] @ down_e^T``.
+
+    A persistent loop over (row block, n tile) tiles like ``gate_up_swiglu_kernel``, but with the tile
+    and k loops flattened into one pipelined loop (the reduction is short, I = 768: the next tile's loads
+    overlap this one's epilogue); ``act`` rows (in padded order) and the weights arrive by TMA. Elsewhere
+    ``grouped_gemm_kernel`` does this product with pointer loads."""
+    n_tiles = tl.cdiv(H, BLOCK_N)
+    num_tiles = tl.load(used_blocks_ptr) * n_tiles
+    k_tiles = tl.cdiv(I, BLOCK_K)
+    a_desc = tl.make_tensor_descriptor(act_ptr, [ROWS, I], [I, 1], [BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, [E, H, I], [H * I, I, 1], [1, BLOCK_N, BLOCK_K])
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        pid_m = tile // n_tiles
+        n0 = (tile % n_tiles) * BLOCK_N
+        e = tl.load(block_expert_ptr + pid_m)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            acc = _mma(a, _weight_tile(w_desc, e, n0, ki * BLOCK_K, BLOCK_N, BLOCK_K), acc, IEEE)
+        slot = tl.load(row_slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = slot >= 0
+        slot64 = tl.where(valid, slot, 0).to(tl.int64)
+        acc *= tl.load(scale_ptr + slot64, mask=valid, other=0.0).to(tl.float32)[:, None]
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        y = y_ptr + slot64[:, None] * stride_y + offs_n[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < H)[None, :])
 
 
 @triton.autotune(
