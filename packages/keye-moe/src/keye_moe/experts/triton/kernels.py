@@ -272,7 +272,7 @@ def grouped_gemm_kernel(
 
 
 @triton.autotune(
-    configs=_configs([(256, 64, 8, 4), (256, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
+    configs=_configs([(128, 64, 8, 3), (256, 64, 8, 4), (256, 64, 8, 3)], ("BLOCK_N", "BLOCK_K")),
     key=["H", "I", "BLOCK_M"],
 )
 @triton.jit
