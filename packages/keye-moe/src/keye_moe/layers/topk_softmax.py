@@ -77,10 +77,12 @@ def _topk_softmax_kernel(
     weights = tl.zeros((BLOCK_ROWS, K_POW2), dtype=tl.float32)
     chosen = tl.zeros((BLOCK_ROWS, E_POW2), dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # descending order, as torch.topk
-        best = tl.argmax(score, 1)
+        best_score, best = tl.max(score, 1, return_indices=True)  # ties: the lowest index, as argmax
         hit = cols[None, :] == best[:, None]
+        if HAS_BIAS:  # the weight is the unbiased probability of the chosen expert
+            best_score = tl.sum(tl.where(hit, probs, 0.0), 1)
         ids = tl.where(kcols[None, :] == k, best.to(tl.int64)[:, None], ids)
-        weights = tl.where(kcols[None, :] == k, tl.sum(tl.where(hit, probs, 0.0), 1)[:, None], weights)
+        weights = tl.where(kcols[None, :] == k, best_score[:, None], weights)
         chosen += hit.to(tl.float32)
         score = tl.where(hit, float("-inf"), score)
     if NORM:
