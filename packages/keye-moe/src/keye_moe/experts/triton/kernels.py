@@ -103,7 +103,7 @@ def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     configs=_configs(
         [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 8, 5), (128, 64, 8, 4)], ("BLOCK_N", "BLOCK_K")
     ),
-    key=["H", "I", "BLOCK_M"],
+    key=["H", "I", "BLOCK_M", "STORE_PREACT"],  # training's heavier epilogue may want another tile
 )
 @triton.jit
 def gate_up_swiglu_kernel(
