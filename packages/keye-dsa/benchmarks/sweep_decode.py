@@ -213,20 +213,25 @@ def main() -> None:
     old_dsa = timed(lambda: old_sparse(q, k, v, old_select(qi, ki, w, topk, lengths)), reps)
     record("previous: DSA step", old_dsa, vs_dense=dense / old_dsa)
 
-    default_launch, default_bits = dict(dk.SCORE_LAUNCH), dk.BITS
+    default_launch, default_bits = (dict(dk.SCORE_LAUNCH), dict(dk.SCORE_LAUNCH_FP8)), dk.BITS
     variants = [  # (SEG, BLOCK_S, num_warps, PREFETCH, BITS)
         (2048, 64, 8, False, 9), (2048, 64, 8, True, 9), (2048, 128, 8, False, 9), (4096, 128, 8, True, 9),
         (2048, 32, 4, True, 9), (1024, 64, 8, False, 9), (2048, 64, 8, False, 10), (2048, 64, 8, False, 8),
     ]  # fmt: skip
+    fp8_variants = [  # the level-1 bits are the bf16 winner's
+        (2048, 128, 8, False, 0), (2048, 64, 8, False, 0), (2048, 128, 8, True, 0), (4096, 128, 8, True, 0),
+        (2048, 256, 8, False, 0),
+    ]  # fmt: skip
     if args.smoke:
-        variants = variants[:2]
+        variants, fp8_variants = variants[:2], fp8_variants[:2]
     best = {}
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
-        for seg, block_s, warps, prefetch, bits in variants if kind == "bf16" else variants[:5]:
-            dk.SCORE_LAUNCH.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, PREFETCH=prefetch)
-            dk.BITS = bits
+        table = dk.SCORE_LAUNCH if kind == "bf16" else dk.SCORE_LAUNCH_FP8
+        for seg, block_s, warps, prefetch, bits in variants if kind == "bf16" else fp8_variants:
+            table.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, PREFETCH=prefetch)
+            dk.BITS = bits or (best["bf16"][2] if "bf16" in best else default_bits)
             name = (
-                f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} prefetch={int(prefetch)} bits={bits}"
+                f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} prefetch={prefetch:d} bits={dk.BITS}"
             )
             try:
                 got = select_topk_decode(qi, keys, w, topk, lengths, k_scale=ks, validate=False)
@@ -248,7 +253,7 @@ def main() -> None:
                 f"    scores + histogram alone {score_ms * 1e3:.1f} us, {key_bytes / score_ms / 1e9:.2f} TB/s"
             )
             if bad == 0 and (kind not in best or ms < best[kind][0]):
-                best[kind] = (ms, dict(dk.SCORE_LAUNCH), bits)
+                best[kind] = (ms, dict(table), dk.BITS)
     split_default = (sk.MIN_PROGRAMS, dict(sk.SPLIT_LAUNCH))
     sparse_variants = [  # (MIN_PROGRAMS, BLOCK_N, num_warps, num_stages)
         (264, 32, 4, 2), (528, 32, 4, 2), (1056, 32, 4, 2), (1056, 16, 4, 2), (2112, 16, 4, 2),
@@ -272,11 +277,13 @@ def main() -> None:
             best["sparse"] = (ms, min_programs, dict(sk.SPLIT_LAUNCH))
     if "sparse" in best:
         sk.MIN_PROGRAMS, sk.SPLIT_LAUNCH = best["sparse"][1], best["sparse"][2]
+    for kind, table in (("bf16", dk.SCORE_LAUNCH), ("fp8", dk.SCORE_LAUNCH_FP8)):
+        if kind in best:
+            table.update(best[kind][1])
+    dk.BITS = best["bf16"][2] if "bf16" in best else default_bits
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
         if kind not in best:
             continue
-        dk.SCORE_LAUNCH.update(best[kind][1])
-        dk.BITS = best[kind][2]
 
         def step(keys=keys, ks=ks):
             idx = select_topk_decode(qi, keys, w, topk, lengths, k_scale=ks, validate=False)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from keye_dsa import select_topk, select_topk_decode, sparse_attention
+from keye_dsa import DSACache, DSAttention, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import select_topk_reference
 from keye_dsa.ops.sparse_attention import triton_kernel as sparse_kernel
@@ -94,6 +94,38 @@ def test_fp8_cache_selects_the_reference_top_k_of_the_dequantized_keys(force_imp
     got = select_topk_decode(q, k8, w, 29, lengths, key_start=start, k_scale=scale)
     want = _reference_sets(q, dequantize_index_keys(k8, scale), w, 29, lengths, start)
     assert torch.equal(got.sort(-1).values, want)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_fp8_index_cache_selects_on_the_dequantized_keys(force_impl, impl):
+    """``DSACache(index_dtype=fp8)``: a prefill chunk longer than ``DECODE_ROWS`` (scored dequantized)
+    and decode steps (the decode kernels on the FP8 keys) all select the reference top-k of the
+    dequantized cache."""
+    force_impl(impl)
+    torch.manual_seed(0)
+    attn = DSAttention(48, 8, 2, 16, index_heads=2, index_head_dim=16, topk=6).eval()
+    x = torch.randn(2, 21, 48)
+    seen = []
+    select = attn.sa_indexer.select
+
+    def spy(q, k, w, **kw):
+        seen.append((q, k, w, kw["k_scale"], select(q, k, w, **kw)))
+        return seen[-1][-1]
+
+    attn.sa_indexer.select = spy
+    cache = DSACache(index_dtype=torch.float8_e4m3fn)
+    for a, b in ((0, 18), (18, 19), (19, 21)):
+        attn(x[:, a:b], cache=cache)
+    state = cache.layer(0)
+    assert state["k_index"].dtype == torch.float8_e4m3fn and state["k_index_scale"].shape == (2, 21)
+    _, ki, _ = attn.sa_indexer(x, torch.arange(21)[None].expand(2, 21))
+    err = (dequantize_index_keys(state["k_index"], state["k_index_scale"]) - ki).abs()
+    assert bool((err <= ki.abs() * 2**-4 + 1e-3).all())
+    for q, k, w, scale, got in seen:
+        want = select_topk_reference(q, dequantize_index_keys(k, scale), w, 6)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    with pytest.raises(ValueError, match="index_dtype must be None or torch.float8_e4m3fn"):
+        DSACache(index_dtype=torch.float16)
 
 
 def test_fp8_keys_round_trip_within_e4m3_precision():

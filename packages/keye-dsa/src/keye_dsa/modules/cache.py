@@ -6,14 +6,24 @@ import torch
 
 
 class DSACache:
-    """Grows by appending each forward's keys; chunked prefill is a sequence of forwards on one cache."""
+    """Grows by appending each forward's keys; chunked prefill is a sequence of forwards on one cache.
 
-    def __init__(self) -> None:
-        self.layers: dict[int, dict[str, torch.Tensor]] = {}
+    ``index_dtype=torch.float8_e4m3fn`` keeps the indexer's keys in FP8 with one fp32 scale per key: a
+    decode step then streams half the bytes through the indexer. An inference option: the indexer scores
+    the quantized keys (the index sets can differ from bf16 keys' near the threshold), and its KL loss,
+    if computed with this cache, gets no gradient into the index keys.
+    """
 
-    def layer(self, layer_idx: int) -> dict[str, torch.Tensor]:
-        """The mutable state of one layer: ``"k"``, ``"v"`` ``[B,S,Hkv,D]`` and ``"k_index"`` ``[B,S,DI]``."""
-        return self.layers.setdefault(layer_idx, {})
+    def __init__(self, index_dtype: torch.dtype | None = None) -> None:
+        if index_dtype not in (None, torch.float8_e4m3fn):
+            raise ValueError(f"index_dtype must be None or torch.float8_e4m3fn; got {index_dtype}")
+        self.index_dtype = index_dtype
+        self.layers: dict[int, dict] = {}
+
+    def layer(self, layer_idx: int) -> dict:
+        """The mutable state of one layer: ``"k"``, ``"v"`` ``[B,S,Hkv,D]``, ``"k_index"`` ``[B,S,DI]``
+        (with FP8, ``"k_index_scale"`` ``[B,S]`` too) and the ``"index_dtype"`` it keeps them in."""
+        return self.layers.setdefault(layer_idx, {"index_dtype": self.index_dtype})
 
     def append_kv(
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor

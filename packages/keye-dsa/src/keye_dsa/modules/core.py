@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from keye_dsa.modules.indexer import LightningIndexer
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.sparse_attention import sparse_attention, sparse_attention_varlen
 
 
@@ -86,31 +87,47 @@ def dsa_forward(
         return dense_attention(q, k, v, scale, key_start, cu_seqlens)
     # The indexer learns only from its KL: its input is detached so the LM loss never reaches it.
     q_index, k_index, weights = indexer(hidden_states.detach(), position_ids, rope)
-    if index_cache is not None:
-        prev = index_cache.get("k_index")
-        k_all = k_index if prev is None else torch.cat([prev, k_index], 1)
-        index_cache["k_index"] = k_all.detach()
-    else:
-        k_all = k_index
+    k_all, k_scale = extend_index_cache(index_cache, k_index)
     if k_all.shape[1] != k.shape[1]:
         raise ValueError(
             f"the index-key cache holds {k_all.shape[1]} keys but k holds {k.shape[1]}: "
             "the DSA cache and the decoder's KV cache are out of step"
         )
     want_kl = aux_losses is not None and indexer.training and torch.is_grad_enabled()
+    kl_keys = k_all if k_scale is None else dequantize_index_keys(k_all, k_scale, q_index.dtype)
     if indexer.mode == "dense_warmup":
         out = dense_attention(q, k, v, scale, key_start, cu_seqlens)
         if want_kl:
-            _add_kl(aux_losses, q, k, q_index, k_all, weights, None, scale, key_start, cu_seqlens)
+            _add_kl(aux_losses, q, k, q_index, kl_keys, weights, None, scale, key_start, cu_seqlens)
         return out
-    indices = indexer.select(q_index, k_all, weights, key_start=key_start, cu_seqlens=cu_seqlens)
+    indices = indexer.select(
+        q_index, k_all, weights, key_start=key_start, cu_seqlens=cu_seqlens, k_scale=k_scale
+    )
     if cu_seqlens is not None:
         out = sparse_attention_varlen(q[0], k[0], v[0], indices[0], cu_seqlens, scale=scale)[None]
     else:
         out = sparse_attention(q, k, v, indices, scale=scale, validate_indices=False)
     if want_kl:
-        _add_kl(aux_losses, q, k, q_index, k_all, weights, indices, scale, key_start, cu_seqlens)
+        _add_kl(aux_losses, q, k, q_index, kl_keys, weights, indices, scale, key_start, cu_seqlens)
     return out
+
+
+def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor):
+    """Appends this call's index keys to ``index_cache`` (a layer's dict: ``"k_index"``, and with
+    ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``); returns every key so far and their scales
+    (``None`` unless FP8). Without FP8 the returned keys keep this call's autograd graph."""
+    if index_cache is None:
+        return k_index, None
+    prev = index_cache.get("k_index")
+    if index_cache.get("index_dtype") != torch.float8_e4m3fn:
+        k_all = k_index if prev is None else torch.cat([prev, k_index], 1)
+        index_cache["k_index"] = k_all.detach()
+        return k_all, None
+    k8, scale = quantize_index_keys(k_index.detach())
+    if prev is not None:
+        k8, scale = torch.cat([prev, k8], 1), torch.cat([index_cache["k_index_scale"], scale], 1)
+    index_cache["k_index"], index_cache["k_index_scale"] = k8, scale
+    return k8, scale
 
 
 def _add_kl(aux_losses, q, k, q_index, k_index, weights, indices, scale, key_start, cu_seqlens):

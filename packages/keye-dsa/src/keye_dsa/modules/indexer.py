@@ -8,9 +8,12 @@ from torch import nn
 
 from keye_dsa.hadamard import hadamard_rotate
 from keye_dsa.ops.indexer_topk import select_topk
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, select_topk_decode
 from keye_dsa.rope import apply_rope, rope_cos_sin, scale_sections
 
 MODES = ("off", "dense_warmup", "sparse")
+# Queries per row up to which selection takes the decode kernels (each of their queries streams the keys).
+DECODE_ROWS = 16
 
 
 class LightningIndexer(nn.Module):
@@ -111,9 +114,22 @@ class LightningIndexer(nn.Module):
         *,
         key_start: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        k_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Top-k key indices (int32, -1 padded); no scoring when no query sees more than top-k keys."""
+        """Top-k key indices (int32, -1 padded); no scoring when no query sees more than top-k keys.
+
+        A few queries (decoding) take ``select_topk_decode``'s kernels; ``k_scale [B,S]`` marks FP8 keys
+        (``DSACache(index_dtype=torch.float8_e4m3fn)``), which longer chunks score dequantized."""
         with torch.no_grad():
+            batch, t = q_index.shape[:2]
+            if cu_seqlens is None and t <= DECODE_ROWS:
+                lengths = torch.full((batch,), k_index.shape[1], dtype=torch.int32, device=q_index.device)
+                return select_topk_decode(
+                    q_index, k_index, weights, self.topk, lengths, key_start=key_start, k_scale=k_scale,
+                    validate=False,
+                )  # fmt: skip
+            if k_scale is not None:
+                k_index = dequantize_index_keys(k_index, k_scale, q_index.dtype)
             if cu_seqlens is not None:
                 return select_topk(q_index[0], k_index[0], weights[0], self.topk, cu_seqlens=cu_seqlens)[None]
             return select_topk(q_index, k_index, weights, self.topk, key_start=key_start)

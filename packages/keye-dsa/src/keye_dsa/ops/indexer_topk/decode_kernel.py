@@ -39,8 +39,10 @@ from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_ste
 
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
 # Launch settings of the scoring kernel: keys per program, keys per step, warps, and whether the next
-# step's keys are loaded before this step's math (Triton does not software-pipeline this loop).
+# step's keys are loaded before this step's math (Triton does not software-pipeline this loop); FP8 keys
+# take twice the keys per step for the same bytes.
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
+SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "PREFETCH": False}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
 SELECT_BLOCK = 4096  # level-1 candidates per refining program; candidates per step of the final select
 
@@ -267,7 +269,9 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
-    launch = SCORE_LAUNCH if q.device.type != "cpu" else dict(SCORE_LAUNCH, SEG=32, BLOCK_S=16, num_warps=4)
+    launch = SCORE_LAUNCH if k_scale is None else SCORE_LAUNCH_FP8
+    if q.device.type == "cpu":
+        launch = dict(launch, SEG=32, BLOCK_S=16, num_warps=4)
     sizes = (1 << BITS, 256, 3)
     scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
     hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
