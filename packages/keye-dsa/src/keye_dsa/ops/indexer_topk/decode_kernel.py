@@ -44,7 +44,8 @@ BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of sco
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
 SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "PREFETCH": False}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
-SELECT_BLOCK = 4096  # level-1 candidates per refining program; candidates per step of the final select
+REFINE_BLOCK = 4096  # level-1 candidates per refining program
+SELECT_BLOCK = 1024  # level-2 candidates per step of the one-program select (usually a few dozen in all)
 
 
 @triton.jit
@@ -295,7 +296,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     hist, hist2, count = scratch
     rows, capacity = scores.shape
     gpu = scores.device.type != "cpu"
-    compact, select = (COMPACT_BLOCK, SELECT_BLOCK) if gpu else (16, 16)
+    compact, refine, select = (COMPACT_BLOCK, REFINE_BLOCK, SELECT_BLOCK) if gpu else (16, 16, 16)
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
@@ -304,12 +305,12 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
         scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
         t, topk, NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
-    _decode_refine[(rows, triton.cdiv(capacity, select))](
+    _decode_refine[(rows, triton.cdiv(capacity, refine))](
         hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
-        NBITS=BITS, BLOCK=select, num_warps=8 if gpu else 4,
+        NBITS=BITS, BLOCK=refine, num_warps=8 if gpu else 4,
     )  # fmt: skip
     _decode_select[(rows,)](
         lengths, start, hist, hist2, out, cs2, cp2, topk, cs.stride(0), t, topk,
-        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=4,
     )  # fmt: skip
     return out
