@@ -48,6 +48,8 @@ CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
+SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # queries per program of the sampling kernel
+SELECT_WARPS = 8  # warps of the exact select's program (one row, its candidates in registers)
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest at 128K and 256K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
 CANDIDATE_LAUNCH = {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
@@ -482,7 +484,7 @@ def _kth_largest_key(key, valid, k):
 
 @triton.jit
 def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
-                       BLOCK: tl.constexpr, WRITE_BLOCK: tl.constexpr):  # fmt: skip
+                       BLOCK: tl.constexpr):  # fmt: skip
     """Exact top-``TOPK`` of one row's candidates (key order), or a flag in ``FAIL`` when they cannot
     contain it: fewer than ``min(TOPK, visible keys)``, or a candidate that did not fit in the ``CAP``
     buffer (``DROPPED``) above the k-th largest of those that did. Dropped candidates come after the
@@ -508,10 +510,14 @@ def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot
         key = _ordered_key(tl.load(scores + j, mask=j < kept, other=0.0))
         threshold, n_above = _kth_largest_key(key, j < kept, TOPK)
         ok = _ordered_key(tl.load(DROPPED + row)) <= threshold
-        if ok:
-            zero = tl.zeros([1], tl.int32)
-            _write_selected(scores, pos, 0, kept, threshold, TOPK - n_above, n_above, zero, zero, out, shift,
-                            True, WRITE_BLOCK)  # fmt: skip
+        if ok:  # slots: keys above the threshold in key order, then ties in key order while they fit
+            gt = (j < kept) & (key > threshold)
+            eq = (j < kept) & (key == threshold)
+            # one scan counts both kinds: keys above in the low 16 bits, ties above them (BLOCK <= 2^15)
+            before = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
+            slot = tl.where(gt, (before & 0xFFFF) - 1, n_above + (before >> 16) - 1)
+            take = gt | (eq & (slot < TOPK))
+            tl.store(out + slot, tl.load(pos + j, mask=take, other=0) + shift, mask=take)
     tl.store(FAIL + row, (~ok).to(tl.int8))
 
 
@@ -544,14 +550,14 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
     block_h = triton.next_power_of_2(heads)
     thr = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
     scratch = torch.empty(batch, rows, m, device=q.device, dtype=torch.float32)
-    block_t = 16
+    block_t = SAMPLE_LAUNCH["BLOCK_T"] if gpu else 16
     _sample_threshold[(triton.cdiv(rows, block_t), 1, batch)](
         q, k, w, lo, hi, scratch, thr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
         k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
         M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
         EVEN_D=dim == triton.next_power_of_2(dim), **dot_flags(q.dtype),
-        num_warps=8 if gpu else 4,
+        num_warps=SAMPLE_LAUNCH["num_warps"] if gpu else 4,
     )  # fmt: skip
     return thr
 
@@ -588,8 +594,7 @@ def select_candidates(cs, cp, count, dropped, lo, hi, base, out) -> torch.Tensor
     fail = torch.empty(batch, rows, device=cs.device, dtype=torch.int8)
     _select_candidates[(batch * rows,)](
         cs, cp, count, dropped, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2],
-        cap, BLOCK=triton.next_power_of_2(cap), WRITE_BLOCK=1024 if cs.device.type != "cpu" else 16,
-        num_warps=8 if cap > 2048 else 4,
+        cap, BLOCK=triton.next_power_of_2(cap), num_warps=SELECT_WARPS if cap > 2048 else 4,
     )  # fmt: skip
     return fail
 
