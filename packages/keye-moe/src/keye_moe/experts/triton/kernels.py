@@ -99,6 +99,16 @@ def _weight_tile(desc, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return tl.trans(desc.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
+@triton.jit
+def _block_rows(block_expert_ptr, row_slot_ptr, tile, num_tiles, n_tiles, BLOCK_M: tl.constexpr):
+    """Expert and slots of ``tile``'s row block (expert 0 and no rows past the last tile)."""
+    pid_m = tile // n_tiles
+    live = tile < num_tiles
+    e = tl.load(block_expert_ptr + pid_m, mask=live, other=0)
+    slot = tl.load(row_slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), mask=live, other=-1)
+    return e, slot
+
+
 @triton.autotune(
     configs=_configs(
         [(64, 64, 4, 4), (128, 64, 8, 3), (128, 32, 8, 5), (128, 64, 8, 4)], ("BLOCK_N", "BLOCK_K")
@@ -129,7 +139,8 @@ def gate_up_swiglu_kernel(
     IEEE: tl.constexpr,
 ):
     """A persistent loop over the (row block, n tile) tiles, n fastest, so that the programs running
-    together share the gathered rows and the expert's weights in L2. (Flattening the tile and k loops
+    together share the gathered rows and the expert's weights in L2. Each tile's expert and slots are
+    loaded during the previous tile, so its row gather starts at once. (Flattening the tile and k loops
     into one pipelined loop made this kernel slower on the H200, BENCHMARKS.md.)"""
     n_tiles = tl.cdiv(I, BLOCK_N)
     num_tiles = tl.load(used_blocks_ptr) * n_tiles
@@ -137,11 +148,17 @@ def gate_up_swiglu_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     if TMA:
         desc = tl.make_tensor_descriptor(w_ptr, [E, 2 * I, H], [2 * I * H, H, 1], [1, BLOCK_N, BLOCK_K])
-    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+    step = tl.num_programs(0)
+    e_next, slot_next = _block_rows(
+        block_expert_ptr, row_slot_ptr, tl.program_id(0), num_tiles, n_tiles, BLOCK_M
+    )
+    for tile in range(tl.program_id(0), num_tiles, step):
         pid_m = tile // n_tiles
         n0 = (tile % n_tiles) * BLOCK_N
-        e = tl.load(block_expert_ptr + pid_m)
-        slot = tl.load(row_slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+        e, slot = e_next, slot_next
+        e_next, slot_next = _block_rows(
+            block_expert_ptr, row_slot_ptr, tile + step, num_tiles, n_tiles, BLOCK_M
+        )
         valid = slot >= 0
         tok = tl.where(valid, slot // TOP_K, 0).to(tl.int64)
         offs_n = n0 + tl.arange(0, BLOCK_N)
