@@ -48,8 +48,8 @@ CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
-SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # queries per program of the sampling kernel
-SELECT_WARPS = 8  # warps of the exact select's program (one row, its candidates in registers)
+SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # the sampling kernel's launch: H200 sweep, BENCHMARKS.md
+SELECT_WARPS = 4  # warps of the exact select (one row, candidates in registers): H200 sweep, BENCHMARKS.md
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest at 128K and 256K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
 CANDIDATE_LAUNCH = {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
