@@ -312,7 +312,7 @@ def stage_breakdown(qi, ki, w, topk, t, reps) -> None:
     flops = rows * (c0 + (rows + 1) / 2) * qi.shape[2] * qi.shape[3] * 2  # visible (query, key) pairs
     add("last chunk: sample + score/filter + select", t, sample_ms + score_ms + select_ms, rows=rows,
         sample_ms=sample_ms, score_ms=score_ms, score_TFLOPs=flops / score_ms / 1e9, select_ms=select_ms,
-        mean_candidates=cand[2].float().mean().item(), flagged_rows=flagged)  # fmt: skip
+        mean_candidates=cand[1].float().mean().item(), flagged_rows=flagged)  # fmt: skip
 
 
 def graphed(fn):

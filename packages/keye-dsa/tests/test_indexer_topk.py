@@ -78,7 +78,8 @@ def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(dtype):
     g = torch.Generator().manual_seed(1)
     thr = ref.clamp_min(-1e30).gather(2, torch.randint(0, 16, (b, t, 1), generator=g).to(DEVICE))[..., 0]
     thr[0, :3] = float("-inf")  # every visible key
-    cs, cp, count, _ = triton_kernel.score_candidates(q, k, w, lo, hi, 0, s, thr.contiguous(), topk)
+    pairs, count, _ = triton_kernel.score_candidates(q, k, w, lo, hi, 0, s, thr.contiguous(), topk)
+    cs, cp = pairs[..., 0].view(torch.float32), pairs[..., 1]
     cap = cs.shape[-1]
     for bi in range(b):
         for ti in range(t):

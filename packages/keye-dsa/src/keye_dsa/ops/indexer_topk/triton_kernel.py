@@ -156,25 +156,25 @@ def _index_scores(
 
 @triton.jit
 def _candidate_scores(
-    Q, K, W, LO, HI, THR, S, POS, COUNT, DROPPED,
-    sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
-    k0, n_rows, scale, H, D,
+    Q, K, W, LO, HI, THR, C, COUNT, DROPPED,
+    sqb, sqt, sqh, skb, sks, swb, swt, scb, sct,
+    k0, n_rows, scale, H, D, CAP,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr, STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """One program per block of queries loads its queries once, loops over all its key tiles and
-    appends the (score, window position) pairs at or above ``THR`` to row buffers ``S``/``POS``
-    (``sst`` entries each); counts in ``COUNT``, the largest score that did not fit in ``DROPPED``.
+    appends the (score bits, window position) pairs at or above ``THR`` to the rows of the int32 pair
+    buffer ``C`` (``CAP`` pairs each); counts in ``COUNT``, the largest score that did not fit in
+    ``DROPPED``.
     Tiles every row sees whole (most of them) run in a loop of their own without the visibility mask."""
     pid_t = tl.program_id(0)
     b = tl.program_id(2).to(tl.int64)
     Q += b * sqb
     K += b * skb
     W += b * swb
-    S += b * ssb
-    POS += b * ssb
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < n_rows
+    rows = C + b * scb + t.to(tl.int64) * sct  # each row's first pair
     hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
     lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
     thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
@@ -185,13 +185,13 @@ def _candidate_scores(
     inner_stop = tl.maximum(inner_start, (tl.min(tl.where(t_ok, hi, stop), 0) + 1) // BLOCK_S * BLOCK_S)
     q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
     state = (tl.zeros([BLOCK_T], tl.int32), tl.full([BLOCK_T], float("-inf"), tl.float32))
-    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, start, inner_start, stop, k0, sks, sst,
+    state = _candidate_tiles(q, wr, K, rows, thr, lo, hi, state, start, inner_start, stop, k0, sks, CAP,
                              scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, True, PRECISE, UPCAST, STORE_ASM,
                              EVEN_D)  # fmt: skip
-    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, inner_start, inner_stop, stop, k0, sks,
-                             sst, scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, False, PRECISE, UPCAST,
+    state = _candidate_tiles(q, wr, K, rows, thr, lo, hi, state, inner_start, inner_stop, stop, k0, sks,
+                             CAP, scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, False, PRECISE, UPCAST,
                              STORE_ASM, EVEN_D)  # fmt: skip
-    state = _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, inner_stop, stop, stop, k0, sks, sst,
+    state = _candidate_tiles(q, wr, K, rows, thr, lo, hi, state, inner_stop, stop, stop, k0, sks, CAP,
                              scale, D, BLOCK_T, BLOCK_H, BLOCK_S, BLOCK_D, True, PRECISE, UPCAST, STORE_ASM,
                              EVEN_D)  # fmt: skip
     tl.store(COUNT + b * n_rows + t, state[0], mask=t_ok)
@@ -199,7 +199,7 @@ def _candidate_scores(
 
 
 @triton.jit
-def _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, begin, end, stop, k0, sks, sst, scale, D,
+def _candidate_tiles(q, wr, K, rows, thr, lo, hi, state, begin, end, stop, k0, sks, cap, scale, D,
                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
                      BLOCK_D: tl.constexpr, MASKED: tl.constexpr, PRECISE: tl.constexpr,
                      UPCAST: tl.constexpr, STORE_ASM: tl.constexpr, EVEN_D: tl.constexpr):  # fmt: skip
@@ -212,7 +212,7 @@ def _candidate_tiles(q, wr, K, S, POS, thr, lo, hi, t, state, begin, end, stop, 
         keep = score >= thr[:, None]
         if MASKED:
             keep = keep & (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
-        taken, dropped = _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S, STORE_ASM)
+        taken, dropped = _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S, STORE_ASM)
     return taken, dropped
 
 
@@ -226,30 +226,29 @@ def _popcount(x):
 
 
 @triton.jit
-def _store_where(ptr, value, keep, STORE_ASM: tl.constexpr):
-    """``tl.store(ptr, value, mask=keep)`` of 32-bit values. ``STORE_ASM`` (CUDA) issues it as a
-    predicated PTX store in the operands' own register layout: ``tl.store`` first moves pointer, value
-    and mask of the whole tile into a coalescing layout through shared memory, which for a tile where
-    few entries are kept cost more than the tile's tensor-core work."""
+def _store_pairs(ptr, first, second, keep, STORE_ASM: tl.constexpr):
+    """Stores the 32-bit pairs ``(first, second)`` at ``ptr`` (int32, 8-byte aligned) where ``keep``.
+    ``STORE_ASM`` (CUDA) issues one predicated 64-bit PTX store per pair in the operands' own register
+    layout: ``tl.store`` first moves pointer, values and mask of the whole tile into a coalescing layout
+    through shared memory, which for a tile where few entries are kept cost more than the tile's
+    tensor-core work."""
     if STORE_ASM:
         tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,r,r", [ptr, value.to(tl.int32, bitcast=True), keep.to(tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=1,
+            "{ .reg .pred p; setp.ne.b32 p, $4, 0; @p st.global.v2.b32 [$1], {$2, $3}; mov.b32 $0, 0; }",
+            "=r,l,r,r,r", [ptr, first, second, keep.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
     else:
-        tl.store(ptr, value, mask=keep)
+        tl.store(ptr, first, mask=keep)
+        tl.store(ptr + 1, second, mask=keep)
 
 
 @triton.jit
-def _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S: tl.constexpr,
-             STORE_ASM: tl.constexpr):  # fmt: skip
-    """Appends the kept (score, position) pairs of a tile to rows ``t`` of ``S``/``POS`` in key order;
-    returns the rows' new counts and the largest score of the entries past ``sst`` (counted, not
-    written). A kept entry's slot
-    is the number of kept entries before it in its row: each row's keep bits are gathered into 32-bit
-    words by a reduction and counted with popcounts, all in the tile's own layout (a ``tl.cumsum``
-    along the keys moved the tile through shared memory twice)."""
+def _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S: tl.constexpr, STORE_ASM: tl.constexpr):
+    """Appends the kept (score bits, position) pairs of a tile to the pair rows starting at ``rows``, in
+    key order; returns the rows' new counts and the largest score of the entries past ``cap`` (counted,
+    not written). A kept entry's slot is the number of kept entries before it in its row: each row's
+    keep bits are gathered into 32-bit words by a reduction and counted with popcounts, all in the
+    tile's own layout (a ``tl.cumsum`` along the keys moved the tile through shared memory twice)."""
     j = tl.arange(0, BLOCK_S)
     bit = tl.full([BLOCK_S], 1, tl.uint32) << (j % 32).to(tl.uint32)
     word = tl.zeros(keep.shape, tl.uint32)  # the keep bits of each entry's own word
@@ -261,10 +260,9 @@ def _compact(S, POS, score, keep, taken, dropped, t, s_loc, sst, BLOCK_S: tl.con
         before += tl.where((j // 32 > w)[None, :], _popcount(bits_w)[:, None], 0)
         taken += _popcount(bits_w)
     at = before + _popcount(word & (bit - 1)[None, :])
-    dst = t[:, None].to(tl.int64) * sst + at
-    fits = keep & (at < sst)
-    _store_where(S + dst, score, fits, STORE_ASM)
-    _store_where(POS + dst, s_loc[None, :] + tl.zeros_like(at), fits, STORE_ASM)
+    fits = keep & (at < cap)
+    position = s_loc[None, :] + tl.zeros_like(at)
+    _store_pairs(rows[:, None] + 2 * at, score.to(tl.int32, bitcast=True), position, fits, STORE_ASM)
     # a row reduction (no block-wide one: a barrier per tile, tried, cost 15%)
     dropped = tl.maximum(dropped, tl.max(tl.where(keep & ~fits, score, float("-inf")), 1))
     return taken, dropped
@@ -370,11 +368,11 @@ def _digit_histogram(scores, begin, end, prefix, pmask, PASS: tl.constexpr, BLOC
 
 
 @triton.jit
-def _write_selected(scores, pos, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift,
-                    HAS_POS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _write_selected(scores, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift,
+                    BLOCK: tl.constexpr):  # fmt: skip
     """Writes the keys of ``[begin, end)`` above ``threshold`` from slot ``taken_gt`` on, and those equal
-    to it, in key order, from slot ``n_above + taken_eq`` on while fewer than ``need`` ties are taken.
-    ``pos`` (with ``HAS_POS``) maps entries to key positions; ``shift`` is added to what is written."""
+    to it, in key order, from slot ``n_above + taken_eq`` on while fewer than ``need`` ties are taken;
+    ``shift`` is added to the positions written."""
     for s0 in range(begin, end, BLOCK):
         s = s0 + tl.arange(0, BLOCK)
         key = _ordered_key(tl.load(scores + s, mask=s < end, other=0.0))
@@ -382,11 +380,8 @@ def _write_selected(scores, pos, begin, end, threshold, need, n_above, taken_gt,
         eq = (s < end) & (key == threshold)
         pos_gt = taken_gt + tl.cumsum(gt.to(tl.int32), 0) - 1
         pos_eq = taken_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-        src = s
-        if HAS_POS:
-            src = tl.load(pos + s, mask=s < end, other=0)
-        tl.store(out + pos_gt, src + shift, mask=gt)
-        tl.store(out + n_above + pos_eq, src + shift, mask=eq & (pos_eq < need))
+        tl.store(out + pos_gt, s + shift, mask=gt)
+        tl.store(out + n_above + pos_eq, s + shift, mask=eq & (pos_eq < need))
         taken_gt += tl.sum(gt.to(tl.int32), 0)
         taken_eq += tl.sum(eq.to(tl.int32), 0)
 
@@ -454,7 +449,7 @@ def _radix_write(
             scores = S + row.to(tl.int64) * sst
             n_above = TOPK - need  # keys strictly above the threshold go first, ties after them
             _write_selected(
-                scores, S, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift, False, BLOCK
+                scores, begin, end, threshold, need, n_above, taken_gt, taken_eq, out, shift, BLOCK
             )
 
 
@@ -483,9 +478,10 @@ def _kth_largest_key(key, valid, k):
 
 
 @triton.jit
-def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
+def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
                        BLOCK: tl.constexpr):  # fmt: skip
-    """Exact top-``TOPK`` of one row's candidates (key order), or a flag in ``FAIL`` when they cannot
+    """Exact top-``TOPK`` of one row's candidates (``CAP`` (score bits, position) pairs of ``C``, key
+    order), or a flag in ``FAIL`` when they cannot
     contain it: fewer than ``min(TOPK, visible keys)``, or a candidate that did not fit in the ``CAP``
     buffer (``DROPPED``) above the k-th largest of those that did. Dropped candidates come after the
     kept ones in key order, so ties with the k-th largest among them never win a slot: a buffer full
@@ -496,18 +492,18 @@ def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot
     n = tl.load(HI + row) - tl.load(LO + row) + 1
     ok = count >= tl.minimum(n, TOPK)
     out = OUT + (row // NR).to(tl.int64) * sob + (row % NR).to(tl.int64) * sot
-    scores = CS + row.to(tl.int64) * CAP
-    pos = CP + row.to(tl.int64) * CAP
+    scores = C + row.to(tl.int64) * (2 * CAP)
+    pos = scores + 1
     shift = -tl.load(BASE + row)
     if ok & (count <= TOPK):  # every visible key is a candidate: all of them, then -1 padding
         for j0 in range(0, TOPK, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
-            src = tl.load(pos + j, mask=j < count, other=0)
+            src = tl.load(pos + 2 * j, mask=j < count, other=0)
             tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
     elif ok:
         kept = tl.minimum(count, CAP)
         j = tl.arange(0, BLOCK)
-        key = _ordered_key(tl.load(scores + j, mask=j < kept, other=0.0))
+        key = _ordered_key(tl.load(scores + 2 * j, mask=j < kept, other=0).to(tl.float32, bitcast=True))
         threshold, n_above = _kth_largest_key(key, j < kept, TOPK)
         ok = _ordered_key(tl.load(DROPPED + row)) <= threshold
         if ok:  # slots: keys above the threshold in key order, then ties in key order while they fit
@@ -517,7 +513,7 @@ def _select_candidates(CS, CP, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot
             before = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
             slot = tl.where(gt, (before & 0xFFFF) - 1, n_above + (before >> 16) - 1)
             take = gt | (eq & (slot < TOPK))
-            tl.store(out + slot, tl.load(pos + j, mask=take, other=0) + shift, mask=take)
+            tl.store(out + slot, tl.load(pos + 2 * j, mask=take, other=0) + shift, mask=take)
     tl.store(FAIL + row, (~ok).to(tl.int8))
 
 
@@ -563,37 +559,35 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
 
 
 def score_candidates(q, k, w, lo, hi, k0, width, thr, topk):
-    """Stage 2: ``(scores, positions, counts, dropped)``: candidate buffers ``[B, Tc, cap]``, counts and
-    the largest score of the candidates that did not fit, ``[B, Tc]``."""
-    batch, rows = q.shape[:2]
+    """Stage 2: ``(pairs, counts, dropped)``: int32 ``[B, Tc, cap, 2]`` (score bits, window position)
+    buffers, and ``[B, Tc]`` counts and largest scores of the candidates that did not fit."""
+    batch, rows, heads, dim = q.shape
     cap = CANDIDATES_PER_TOPK * topk
-    cs = torch.empty(batch, rows, cap, device=q.device, dtype=torch.float32)
-    cp = torch.empty(batch, rows, cap, device=q.device, dtype=torch.int32)
+    pairs = torch.empty(batch, rows, cap, 2, device=q.device, dtype=torch.int32)
     count = torch.empty(batch, rows, device=q.device, dtype=torch.int32)
     dropped = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
     gpu = q.device.type != "cpu"
     launch = CANDIDATE_LAUNCH_FP32 if q.element_size() > 2 else CANDIDATE_LAUNCH
     if not gpu:
         launch = dict(launch, BLOCK_T=16, BLOCK_S=16, num_warps=4)
-    heads, dim = q.shape[2:]
     block_d = triton.next_power_of_2(dim)
     _candidate_scores[(triton.cdiv(rows, launch["BLOCK_T"]), 1, batch)](
-        q, k, w, lo, hi, thr, cs, cp, count, dropped,
+        q, k, w, lo, hi, thr, pairs, count, dropped,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        cs.stride(0), cs.stride(1),
-        k0, rows, dim**-0.5, heads, dim,
+        pairs.stride(0), pairs.stride(1),
+        k0, rows, dim**-0.5, heads, dim, cap,
         BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=block_d, STORE_ASM=gpu and not interpreting(),
         EVEN_D=dim == block_d, **dot_flags(q.dtype), **launch,
     )  # fmt: skip
-    return cs, cp, count, dropped
+    return pairs, count, dropped
 
 
-def select_candidates(cs, cp, count, dropped, lo, hi, base, out) -> torch.Tensor:
+def select_candidates(pairs, count, dropped, lo, hi, base, out) -> torch.Tensor:
     """Stage 3: writes the settled rows into ``out``; returns the ``[B, Tc]`` flags of the others."""
-    batch, rows, cap = cs.shape
-    fail = torch.empty(batch, rows, device=cs.device, dtype=torch.int8)
+    batch, rows, cap, _ = pairs.shape
+    fail = torch.empty(batch, rows, device=pairs.device, dtype=torch.int8)
     _select_candidates[(batch * rows,)](
-        cs, cp, count, dropped, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2],
+        pairs, count, dropped, lo, hi, base, out, fail, out.stride(0), out.stride(1), rows, out.shape[2],
         cap, BLOCK=triton.next_power_of_2(cap), num_warps=SELECT_WARPS if cap > 2048 else 4,
     )  # fmt: skip
     return fail
