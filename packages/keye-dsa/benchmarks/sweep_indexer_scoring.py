@@ -32,10 +32,10 @@ def setting(block_t: int, block_s: int, stages: int, warps: int = 8) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_S=block_s, num_warps=warps, num_stages=stages)
 
 
-# The runner-up of the 2026-11-30 sweeps (BENCHMARKS.md): 64-query programs of 4 warps.
+# The runner-up of the 2026-11-30 sweeps (BENCHMARKS.md): 128-query programs of 8 warps.
 VARIANTS = {
     "committed": COMMITTED,
-    "64x64 s3 4 warps": setting(64, 64, 3, warps=4),
+    "128x64 s3": setting(128, 64, 3),
 }
 RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "stages": {}, "select_topk": {}, "errors": []}
 
@@ -103,6 +103,20 @@ def stages(stage, rep: int) -> dict:
     )
 
 
+def dense_cudnn_forward_ms(t: int) -> float:
+    """The issue's peer: causal GQA attention forward through SDPA's cuDNN backend, batch 1, bf16,
+    Hq=32, Hkv=4, D=128 (``select_topk`` is measured against it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(1, h, t, 128, device="cuda", dtype=torch.bfloat16) for h in (32, 4, 4))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+
+        def run():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        return timed(run, rep=600 if t > 65536 else 200)
+
+
 def save(path: str | None) -> None:
     if path:
         with open(path, "w") as f:
@@ -114,6 +128,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="32768,131072,262144")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
+    ap.add_argument("--peer", action="store_true", help="also time cuDNN dense attention forward (GPU)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -180,6 +195,10 @@ def main() -> None:
             run = lambda q=q, k=k, w=w: select_topk(q, k, w, topk)  # noqa: E731
             whole[name] = timed(run, rep=600 if t > 65536 else 200)
             print(f"T={t} select_topk {name}: {whole[name]:.2f} ms")
+        if args.peer and dev == "cuda":
+            peer = RESULTS.setdefault("cudnn_forward_ms", {})[t] = dense_cudnn_forward_ms(t)
+            print(f"T={t} cuDNN dense forward {peer:.2f} ms; select_topk / cuDNN: "
+                  + ", ".join(f"{n} {v / peer:.1%}" for n, v in whole.items()))  # fmt: skip
         save(args.out)
     tk.CANDIDATE_LAUNCH = COMMITTED
     print("\n| variant | " + " | ".join(f"T={t} last chunk ms (TFLOP/s)" for t in lengths) + " |")

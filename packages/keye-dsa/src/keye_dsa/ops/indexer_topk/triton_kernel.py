@@ -51,8 +51,8 @@ THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that
 SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # the sampling kernel's launch: H200 sweep, BENCHMARKS.md
 SELECT_WARPS = 4  # warps of the exact select (one row, candidates in registers): H200 sweep, BENCHMARKS.md
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
-# step), the fastest at 128K and 256K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
-CANDIDATE_LAUNCH = {"BLOCK_T": 128, "BLOCK_S": 64, "num_warps": 8, "num_stages": 3}
+# step), the fastest at 32K and 128K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
+CANDIDATE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 CANDIDATE_LAUNCH_FP32 = {"BLOCK_T": 32, "BLOCK_S": 64, "num_warps": 4, "num_stages": 1}
 
 
@@ -246,9 +246,11 @@ def _store_pairs(ptr, first, second, keep, STORE_ASM: tl.constexpr):
 def _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S: tl.constexpr, STORE_ASM: tl.constexpr):
     """Appends the kept (score bits, position) pairs of a tile to the pair rows starting at ``rows``, in
     key order; returns the rows' new counts and the largest score of the entries past ``cap`` (counted,
-    not written). A kept entry's slot is the number of kept entries before it in its row: each row's
+    not written; an upper bound of it: the largest score of every tile from the one where the row
+    may first overflow on). A kept entry's slot is the number of kept entries before it in its row: each row's
     keep bits are gathered into 32-bit words by a reduction and counted with popcounts, all in the
     tile's own layout (a ``tl.cumsum`` along the keys moved the tile through shared memory twice)."""
+    may_drop = taken + BLOCK_S > cap
     j = tl.arange(0, BLOCK_S)
     bit = tl.full([BLOCK_S], 1, tl.uint32) << (j % 32).to(tl.uint32)
     word = tl.zeros(keep.shape, tl.uint32)  # the keep bits of each entry's own word
@@ -263,8 +265,9 @@ def _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S: tl.constexp
     fits = keep & (at < cap)
     position = s_loc[None, :] + tl.zeros_like(at)
     _store_pairs(rows[:, None] + 2 * at, score.to(tl.int32, bitcast=True), position, fits, STORE_ASM)
-    # a row reduction (no block-wide one: a barrier per tile, tried, cost 15%)
-    dropped = tl.maximum(dropped, tl.max(tl.where(keep & ~fits, score, float("-inf")), 1))
+    # a row reduction of the raw scores (no select of the dropped ones, no block-wide test: a barrier per
+    # tile, tried, cost 15%)
+    dropped = tl.where(may_drop, tl.maximum(dropped, tl.max(score, 1)), dropped)
     return taken, dropped
 
 
@@ -481,12 +484,12 @@ def _kth_largest_key(key, valid, k):
 def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR, TOPK, CAP,
                        BLOCK: tl.constexpr):  # fmt: skip
     """Exact top-``TOPK`` of one row's candidates (``CAP`` (score bits, position) pairs of ``C``, key
-    order), or a flag in ``FAIL`` when they cannot
-    contain it: fewer than ``min(TOPK, visible keys)``, or a candidate that did not fit in the ``CAP``
-    buffer (``DROPPED``) above the k-th largest of those that did. Dropped candidates come after the
-    kept ones in key order, so ties with the k-th largest among them never win a slot: a buffer full
-    of ties (e.g. exact zeros) still settles its row. The keys (``BLOCK >= CAP``) are searched in
-    registers; the keys above the threshold and, in key order, the ties that fit are then written."""
+    order), or a flag in ``FAIL`` when they cannot contain it: fewer than ``min(TOPK, visible keys)``,
+    or more than ``CAP`` with a bound of the scores that did not fit (``DROPPED``) above the k-th largest
+    of those that did. Dropped candidates come after the kept ones in key order, so ties with the k-th
+    largest among them never win a slot: a buffer full of ties (e.g. exact zeros) still settles its
+    row. The keys (``BLOCK >= CAP``) are searched in registers; the keys above the threshold and, in
+    key order, the ties that fit are then written."""
     row = tl.program_id(0)
     count = tl.load(COUNT + row)
     n = tl.load(HI + row) - tl.load(LO + row) + 1
@@ -505,7 +508,7 @@ def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR,
         j = tl.arange(0, BLOCK)
         key = _ordered_key(tl.load(scores + 2 * j, mask=j < kept, other=0).to(tl.float32, bitcast=True))
         threshold, n_above = _kth_largest_key(key, j < kept, TOPK)
-        ok = _ordered_key(tl.load(DROPPED + row)) <= threshold
+        ok = (count <= CAP) | (_ordered_key(tl.load(DROPPED + row)) <= threshold)
         if ok:  # slots: keys above the threshold in key order, then ties in key order while they fit
             gt = (j < kept) & (key > threshold)
             eq = (j < kept) & (key == threshold)
