@@ -57,15 +57,16 @@ def test_decode_kernel_equals_the_reference_on_odd_shapes(force_impl, dtype, t):
     assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 37, lengths, start))
 
 
-@pytest.mark.parametrize("threshold_tie", [True, False])
-def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, threshold_tie):
-    """Repeated keys tie exactly; with ``threshold_tie`` the top-k boundary falls inside a tie group
-    (the candidates are unordered, so the kernel searches the position cut-off)."""
+@pytest.mark.parametrize("case", ["repeated keys", "distinct keys", "negative gates"])
+def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, case):
+    """Repeated keys tie exactly, and so do the zeros of a row whose gates are all negative (its top-k
+    is every key scoring exactly 0): the top-k boundary falls inside a tie group, and the candidates are
+    unordered, so the kernel searches the position cut-off."""
     force_impl("triton")
     q, k, w = _cache(2, 1, 150, 2, 16, seed=21)
-    w = w.abs()
-    distinct = 5 if threshold_tie else 150
-    k = k[:, torch.arange(150) % distinct]
+    w = -w.abs() if case == "negative gates" else w.abs()
+    if case == "repeated keys":
+        k = k[:, torch.arange(150) % 5]
     lengths = torch.tensor([150, 133], dtype=torch.int32, device=DEVICE)
     got = select_topk_decode(q, k, w, 23, lengths)
     assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 23, lengths, None))

@@ -45,7 +45,7 @@ SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
 SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "PREFETCH": False}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
 REFINE_BLOCK = 4096  # level-1 candidates per refining program
-SELECT_BLOCK = 1024  # level-2 candidates per step of the one-program select (usually a few dozen in all)
+SELECT_BLOCK = 4096  # level-2 candidates per step of the one-program select (a few dozen, or ~10K ties)
 
 
 @triton.jit
@@ -208,13 +208,16 @@ def _decode_select(
             j = j0 + tl.arange(0, BLOCK)
             tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
     else:
-        _, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
+        digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
         scores = CS2 + row * scr
         pos = CP2 + row * scr
-        prefix = tl.zeros([1], tl.uint32)
-        pmask = tl.zeros([1], tl.uint32)
+        # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes finish it.
+        prefix = tl.zeros([1], tl.uint32) + (
+            (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
+        )
+        pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
         need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
-        for p in tl.static_range(4):
+        for p in tl.static_range(2, 4):
             prefix, pmask, need = _digit_step(
                 _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK), prefix, pmask, need, p
             )
@@ -233,24 +236,29 @@ def _decode_select(
 @triton.jit
 def _tie_cutoff(scores, pos, n, threshold, need, BLOCK: tl.constexpr):
     """Largest position to take among the candidates equal to ``threshold`` so that exactly ``need`` of
-    them (the lowest positions) are taken: the ``need``-th smallest such position, found bit by bit."""
+    them (the lowest positions) are taken: the ``need``-th smallest such position, i.e. the ``need``-th
+    largest of the flipped positions ``2**24 - 1 - p``, in three 8-bit radix passes. Many ties happen:
+    a row whose gates are all negative scores its top-k at exactly 0."""
     n_eq = tl.zeros([1], tl.int32)
     for j0 in range(0, n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
         n_eq += tl.sum(((j < n) & (key == threshold)).to(tl.int32), 0)
     cut = tl.full([1], 2147483647, tl.int32)
-    if tl.sum(n_eq > need, 0) > 0:  # the bitwise search only when ties straddle the cut
-        cut = tl.zeros([1], tl.int32)
-        for bit in tl.static_range(31):
-            trial = cut | (1 << (30 - bit))
-            below = tl.zeros([1], tl.int32)
+    if tl.sum(n_eq > need, 0) > 0:  # ties straddle the cut
+        prefix = tl.zeros([1], tl.uint32)
+        pmask = tl.full([1], 255, tl.uint32) << 24  # the top byte of a flipped position is 0
+        rank = need
+        for p in tl.static_range(1, 4):
+            hist = tl.zeros([256], tl.int32)
             for j0 in range(0, n, BLOCK):
                 j = j0 + tl.arange(0, BLOCK)
                 key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
-                p_j = tl.load(pos + j, mask=j < n, other=0)
-                below += tl.sum(((j < n) & (key == threshold) & (p_j < trial)).to(tl.int32), 0)
-            cut = tl.where(below < need, trial, cut)
+                flip = ((1 << 24) - 1 - tl.load(pos + j, mask=j < n, other=0)).to(tl.uint32)
+                match = (j < n) & (key == threshold) & ((flip & pmask) == prefix)
+                hist += tl.histogram(((flip >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
+            prefix, pmask, rank = _digit_step(hist, prefix, pmask, rank, p)
+        cut = (1 << 24) - 1 - prefix.to(tl.int32)
     return cut
 
 
@@ -295,6 +303,8 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     """Launches 2-4: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
     hist, hist2, count = scratch
     rows, capacity = scores.shape
+    if capacity >= 1 << 24 or not 8 <= BITS <= 16:
+        raise ValueError(f"decode top-k needs capacity < 2**24 and 8 <= BITS <= 16; got {capacity}, {BITS}")
     gpu = scores.device.type != "cpu"
     compact, refine, select = (COMPACT_BLOCK, REFINE_BLOCK, SELECT_BLOCK) if gpu else (16, 16, 16)
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
@@ -311,6 +321,6 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     )  # fmt: skip
     _decode_select[(rows,)](
         lengths, start, hist, hist2, out, cs2, cp2, topk, cs.stride(0), t, topk,
-        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=4,
+        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     return out
