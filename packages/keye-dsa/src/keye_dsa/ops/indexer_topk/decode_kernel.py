@@ -218,11 +218,12 @@ def _decode_select(
         pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
         need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
         for p in tl.static_range(2, 4):
-            prefix, pmask, need = _digit_step(
-                _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK), prefix, pmask, need, p
-            )
-        # ``prefix`` is the exact threshold; ``need`` of the candidates equal to it are taken.
-        cut = _tie_cutoff(scores, pos, n_bin2, prefix, need, BLOCK)
+            hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
+            prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
+        # ``prefix`` is the exact threshold, held by ``n_eq`` candidates (the last pass's count of its
+        # digit), ``need`` of which are taken.
+        n_eq = tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32), hist, 0), 0)
+        cut = _tie_cutoff(scores, pos, n_bin2, prefix, need, n_eq, BLOCK)
         taken = tl.zeros([1], tl.int32) + (n_above + n_above2)
         for j0 in range(0, n_bin2, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -234,16 +235,11 @@ def _decode_select(
 
 
 @triton.jit
-def _tie_cutoff(scores, pos, n, threshold, need, BLOCK: tl.constexpr):
-    """Largest position to take among the candidates equal to ``threshold`` so that exactly ``need`` of
-    them (the lowest positions) are taken: the ``need``-th smallest such position, i.e. the ``need``-th
-    largest of the flipped positions ``2**24 - 1 - p``, in three 8-bit radix passes. Many ties happen:
-    a row whose gates are all negative scores its top-k at exactly 0."""
-    n_eq = tl.zeros([1], tl.int32)
-    for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
-        n_eq += tl.sum(((j < n) & (key == threshold)).to(tl.int32), 0)
+def _tie_cutoff(scores, pos, n, threshold, need, n_eq, BLOCK: tl.constexpr):
+    """Largest position to take among the ``n_eq`` candidates equal to ``threshold`` so that exactly
+    ``need`` of them (the lowest positions) are taken: the ``need``-th smallest such position, i.e. the
+    ``need``-th largest of the flipped positions ``2**24 - 1 - p``, in three 8-bit radix passes. Many
+    ties happen: a row whose gates are all negative scores its top-k at exactly 0."""
     cut = tl.full([1], 2147483647, tl.int32)
     if tl.sum(n_eq > need, 0) > 0:  # ties straddle the cut
         prefix = tl.zeros([1], tl.uint32)
