@@ -220,26 +220,22 @@ def main() -> None:
     record("previous: DSA step", old_dsa, vs_dense=dense / old_dsa)
 
     default_launch, default_bits = (dict(dk.SCORE_LAUNCH), dict(dk.SCORE_LAUNCH_FP8)), dk.BITS
-    variants = [  # (SEG, BLOCK_S, num_warps, PREFETCH, BITS)
-        (2048, 64, 8, False, 9), (2048, 64, 8, True, 9), (2048, 128, 8, False, 9), (4096, 128, 8, True, 9),
-        (2048, 32, 4, True, 9), (2048, 64, 4, False, 9), (1024, 64, 8, False, 9), (2048, 64, 8, False, 10),
-        (2048, 64, 8, False, 8),
+    variants = [  # (SEG, BLOCK_S, num_warps, num_stages, BITS)
+        (2048, 64, 4, 3, 9), (2048, 64, 8, 3, 9), (2048, 128, 8, 3, 9), (2048, 128, 4, 4, 9),
+        (4096, 128, 8, 3, 9), (1024, 64, 4, 3, 9), (2048, 64, 4, 4, 9), (2048, 64, 4, 3, 8),
     ]  # fmt: skip
     fp8_variants = [  # the level-1 bits are the bf16 winner's
-        (2048, 128, 8, False, 0), (2048, 64, 8, False, 0), (2048, 128, 8, True, 0), (4096, 128, 8, True, 0),
-        (2048, 256, 8, False, 0),
+        (2048, 128, 8, 3, 0), (2048, 64, 4, 3, 0), (2048, 128, 4, 4, 0), (4096, 256, 8, 3, 0),
     ]  # fmt: skip
     if args.smoke:
         variants, fp8_variants = variants[:2], fp8_variants[:2]
     best = RESULTS["best"] = {}
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
         table = dk.SCORE_LAUNCH if kind == "bf16" else dk.SCORE_LAUNCH_FP8
-        for seg, block_s, warps, prefetch, bits in variants if kind == "bf16" else fp8_variants:
-            table.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, PREFETCH=prefetch)
+        for seg, block_s, warps, stages, bits in variants if kind == "bf16" else fp8_variants:
+            table.update(SEG=seg, BLOCK_S=block_s, num_warps=warps, num_stages=stages)
             dk.BITS = bits or (best["bf16"][2] if "bf16" in best else default_bits)
-            name = (
-                f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} prefetch={prefetch:d} bits={dk.BITS}"
-            )
+            name = f"{kind} top-k SEG={seg} BLOCK_S={block_s} warps={warps} stages={stages} bits={dk.BITS}"
             try:
                 got = select_topk_decode(qi, keys, w, topk, lengths, k_scale=ks, validate=False)
                 bad = set_equal(got, expected[kind]) if kind in expected else -1

@@ -38,11 +38,11 @@ from keye_dsa.ops._triton_utils import dot_flags, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
-# Launch settings of the scoring kernel: keys per program, keys per step, warps, and whether the next
-# step's keys are loaded before this step's math (Triton does not software-pipeline this loop); FP8 keys
-# take twice the keys per step for the same bytes.
-SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 8, "PREFETCH": False}
-SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "PREFETCH": False}
+# Launch settings of the scoring kernel (keys per program, keys per step, warps, pipeline stages): the
+# fastest of the H200 sweep at d4434fb (BENCHMARKS.md), where the loop was not yet pipelined; the stages
+# are new since and not measured. FP8 keys take twice the keys per step for the same bytes.
+SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
+SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "num_stages": 3}
 COMPACT_BLOCK = 4096  # scores scanned per compaction program
 REFINE_BLOCK = 4096  # level-1 candidates per refining program
 SELECT_BLOCK = 4096  # level-2 candidates per step of the one-program select (a few dozen, or ~10K ties)
@@ -57,23 +57,13 @@ def _row_bounds(LEN, START, b, t, T, HAS_START: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(K, KS, s0, end, sks, d, D, BLOCK_S: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """Keys ``[s0, s0 + BLOCK_S)`` below ``end`` as a ``[BLOCK_D, BLOCK_S]`` tile, and their scales."""
-    s = s0 + tl.arange(0, BLOCK_S)
-    kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=(s[None, :] < end) & (d[:, None] < D),
-                 other=0.0)  # fmt: skip
-    ks = tl.load(KS + s, mask=s < end, other=0.0) if HAS_SCALE else tl.zeros([BLOCK_S], tl.float32)
-    return kt, ks
-
-
-@triton.jit
 def _decode_scores(
     Q, K, KS, W, LEN, START, S, HIST,
     sqb, sqt, sqh, skb, sks, sksb, swb, swt, ssr,
     T, scale, H, D,
     SEG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     NBITS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr,
-    UPCAST: tl.constexpr, PREFETCH: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
 ):  # fmt: skip
     """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
     only visible keys are written and counted in the row's level-1 histogram ``HIST [rows, 2**NBITS]``."""
@@ -94,19 +84,16 @@ def _decode_scores(
     wr = tl.load(W + b.to(tl.int64) * swb + t * swt + hh, mask=hh < H, other=0.0).to(tl.float32)
     K += b.to(tl.int64) * skb
     KS += b.to(tl.int64) * sksb
-    kt, ks = _key_tile(K, KS, begin, end, sks, d, D, BLOCK_S, HAS_SCALE)
     for s0 in range(begin, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        if PREFETCH:  # the next tile's loads are in flight during this tile's math (no cp.async here)
-            kt_next, ks_next = _key_tile(K, KS, s0 + BLOCK_S, end, sks, d, D, BLOCK_S, HAS_SCALE)
-        else:
-            kt, ks = _key_tile(K, KS, s0, end, sks, d, D, BLOCK_S, HAS_SCALE)
+        # No mask on the key dim when it fills the tile: with one, Triton does not pipeline this load
+        # (no cp.async), and each program then waits out one key tile's memory latency per step.
+        k_ok = (s[None, :] < end) if EVEN_D else (s[None, :] < end) & (d[:, None] < D)
+        kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=k_ok, other=0.0)
         dots = mma(q, kt.to(q.dtype), PRECISE, UPCAST)
         score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0) * scale
         if HAS_SCALE:
-            score *= ks
-        if PREFETCH:
-            kt, ks = kt_next, ks_next
+            score *= tl.load(KS + s, mask=s < end, other=0.0)
         tl.store(S + row * ssr + s, score, mask=(s >= lo) & (s < end))
     tl.debug_barrier()  # the segment's scores, stored by all threads, are read back once
     s = seg0 + tl.arange(0, SEG)
@@ -289,8 +276,8 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
         w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim,
         SEG=launch["SEG"], BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
-        HAS_START=key_start is not None, **dot_flags(q.dtype), PREFETCH=launch["PREFETCH"],
-        num_warps=launch["num_warps"],
+        HAS_START=key_start is not None, **dot_flags(q.dtype), EVEN_D=dim == triton.next_power_of_2(dim),
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     return scores, (hist, hist2, count)
 
