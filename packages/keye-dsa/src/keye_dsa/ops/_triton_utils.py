@@ -31,6 +31,16 @@ def mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def popcount(x):
+    """Set bits of each uint32 lane in plain integer ops (SWAR): the interpreter runs it too, and ptxas
+    turns it into one ``POPC``."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
 def softmax_step(q, kt, vt, keep, m, l, acc, qk_scale, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over a gathered key/value tile (log2 domain): scores ``q @ kt^T`` where
     ``keep``, the running max ``m``, sum ``l`` and output ``acc`` rescaled and updated."""

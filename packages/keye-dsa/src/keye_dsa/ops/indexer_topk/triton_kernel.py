@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, interpreting, mma
+from keye_dsa.ops._triton_utils import dot_flags, interpreting, mma, popcount
 
 SCORE_BYTES_PER_CHUNK = 1 << 30  # full path: fp32 scores of one chunk
 CANDIDATE_BYTES_PER_CHUNK = 1 << 30  # candidate path: (score, position) buffers of one chunk
@@ -124,6 +124,18 @@ def _key_tile(K, s, s_ok, sks, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T: tl.constexpr):
+    """This program's batch row ``b`` (its ``Q``/``K``/``W``) and block of queries ``t`` (``t_ok``: those
+    that exist), with their visible key windows ``[lo, hi]`` (empty for the missing ones)."""
+    b = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < n_rows
+    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
+    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
+    return Q + b * sqb, K + b * skb, W + b * swb, b, t, t_ok, lo, hi
+
+
+@triton.jit
 def _index_scores(
     Q, K, W, LO, HI, S,
     sqb, sqt, sqh, skb, sks, swb, swt, ssb, sst,
@@ -133,20 +145,14 @@ def _index_scores(
 ):  # fmt: skip
     """Key tile ``program_id(1)`` of the fp32 score rows ``S`` of a block of queries (window positions
     ``[lo, hi]`` visible, key ``k0 + position``; ``-inf`` where not visible): the full path."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    Q += b * sqb
-    K += b * skb
-    W += b * swb
+    Q, K, W, b, t, t_ok, lo, hi = _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T)
     S += b * ssb
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < n_rows
-    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
-    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
     s0 = tl.program_id(1) * BLOCK_S
     if (tl.min(lo, 0) < s0 + BLOCK_S) & (s0 <= tl.max(hi, 0)):  # tiles no query sees are never read
         s_loc = s0 + tl.arange(0, BLOCK_S)
-        q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+        q, wr = _stacked_queries(
+            Q, W, tl.program_id(0), n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D
+        )
         kt = _key_tile(K, k0 + s_loc, s_loc < width, sks, D, BLOCK_D, EVEN_D)
         score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, False, PRECISE, UPCAST)
         visible = (s_loc[None, :] >= lo[:, None]) & (s_loc[None, :] <= hi[:, None])
@@ -167,16 +173,8 @@ def _candidate_scores(
     buffer ``C`` (``CAP`` pairs each); counts in ``COUNT``, the largest score that did not fit in
     ``DROPPED``.
     Tiles every row sees whole (most of them) run in a loop of their own without the visibility mask."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    Q += b * sqb
-    K += b * skb
-    W += b * swb
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < n_rows
+    Q, K, W, b, t, t_ok, lo, hi = _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T)
     rows = C + b * scb + t.to(tl.int64) * sct  # each row's first pair
-    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
-    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=2147483647)
     thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
     start = tl.min(lo, 0) // BLOCK_S * BLOCK_S
     stop = tl.max(hi, 0) + 1
@@ -217,15 +215,6 @@ def _candidate_tiles(q, wr, K, rows, thr, lo, hi, state, begin, end, stop, k0, s
 
 
 @triton.jit
-def _popcount(x):
-    """Set bits of each uint32, in plain integer ops (ptxas turns them into one ``POPC``)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24).to(tl.int32)
-
-
-@triton.jit
 def _store_pairs(ptr, first, second, keep, STORE_ASM: tl.constexpr):
     """Stores the 32-bit pairs ``(first, second)`` at ``ptr`` (int32, 8-byte aligned) where ``keep``.
     ``STORE_ASM`` (CUDA) issues one predicated 64-bit PTX store per pair in the operands' own register
@@ -259,9 +248,9 @@ def _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S: tl.constexp
         in_w = (j // 32) == w
         bits_w = tl.sum(tl.where(keep & in_w[None, :], bit[None, :], 0), 1)
         word = tl.where(in_w[None, :], bits_w[:, None], word)
-        before += tl.where((j // 32 > w)[None, :], _popcount(bits_w)[:, None], 0)
-        taken += _popcount(bits_w)
-    at = before + _popcount(word & (bit - 1)[None, :])
+        before += tl.where((j // 32 > w)[None, :], popcount(bits_w)[:, None], 0)
+        taken += popcount(bits_w)
+    at = before + popcount(word & (bit - 1)[None, :])
     fits = keep & (at < cap)
     position = s_loc[None, :] + tl.zeros_like(at)
     _store_pairs(rows[:, None] + 2 * at, score.to(tl.int32, bitcast=True), position, fits, STORE_ASM)
@@ -300,16 +289,8 @@ def _sample_threshold(
     sees at most ``RANK`` keys or no sample. Samples: window positions ``j * width // M``. Only the top
     ``THRESHOLD_BITS`` bits of that score are searched (the rest are zero: a slightly lower threshold,
     within 2^-7 of the score at 16 bits); an estimate needs no more, and each bit costs a pass."""
-    pid_t = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    Q += b * sqb
-    K += b * skb
-    W += b * swb
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < n_rows
-    hi = tl.load(HI + b * n_rows + t, mask=t_ok, other=-1)
-    lo = tl.load(LO + b * n_rows + t, mask=t_ok, other=0)
-    q, wr = _stacked_queries(Q, W, pid_t, n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
+    Q, K, W, b, t, t_ok, lo, hi = _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T)
+    q, wr = _stacked_queries(Q, W, tl.program_id(0), n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
     rows = SMP + (b * n_rows + t[:, None]) * M
     for j0 in range(0, M, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from keye_dsa.ops._triton_utils import popcount
+
 QB = 64  # queries per block: one bit each in the 64-bit membership mask
 QB_JIT = tl.constexpr(QB)  # the same, for @triton.jit code (which reads only constexpr globals)
 UNION_CAP = 4096  # largest |U_b| taken by the union kernel (structured top-2048: about 2600)
@@ -55,15 +57,6 @@ class UnionPlan:
     @property
     def cap(self) -> int:
         return self.keys.shape[1]
-
-
-@triton.jit
-def _popcount(x):
-    """Set bits of each uint32 lane (SWAR; no libdevice, so it also runs in the interpreter)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -95,11 +88,11 @@ def _scan(BITMAP, WRANK, KEYS, COUNT, W, CAP, BLOCK_W: tl.constexpr):
     for w0 in range(0, W, BLOCK_W):
         offs = w0 + tl.arange(0, BLOCK_W)
         words = tl.load(BITMAP + blk * W + offs, mask=offs < W, other=0).to(tl.uint32, bitcast=True)
-        pc = _popcount(words)
+        pc = popcount(words)
         first = carry + tl.cumsum(pc, 0) - pc
         tl.store(WRANK + blk * W + offs, first, mask=offs < W)
         is_set = ((words[:, None] >> j[None, :]) & 1) != 0
-        rank = first[:, None] + _popcount(words[:, None] & below_mask[None, :])
+        rank = first[:, None] + popcount(words[:, None] & below_mask[None, :])
         pos = offs[:, None] * 32 + j[None, :].to(tl.int32)
         tl.store(KEYS + blk * CAP + rank, pos, mask=is_set & (rank < CAP))
         carry += tl.sum(pc, 0)
@@ -124,7 +117,7 @@ def _rank(
         word_at = blk * W + (idx >> 5)
         word = tl.load(BITMAP + word_at, mask=ok, other=0).to(tl.uint32, bitcast=True)
         below = (tl.full([BLOCK_K], 1, tl.uint32) << (idx & 31).to(tl.uint32)) - 1
-        rank = tl.load(WRANK + word_at, mask=ok, other=0) + _popcount(word & below)
+        rank = tl.load(WRANK + word_at, mask=ok, other=0) + popcount(word & below)
         old = tl.atomic_or(MEMBERS + blk * CAP + rank, bit, mask=ok, sem="relaxed")
         repeat = tl.maximum(repeat, tl.max(tl.where(ok & ((old & bit) != 0), 1, 0), 0))
     tl.atomic_max(REPEAT + blk, repeat, sem="relaxed")
