@@ -5,6 +5,7 @@ import torch
 
 from keye_dsa import DSACache, DSAttention, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
+from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
 from keye_dsa.ops.indexer_topk.reference import select_topk_reference
 from keye_dsa.ops.sparse_attention import triton_kernel as sparse_kernel
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
@@ -35,6 +36,13 @@ def test_matches_select_topk_on_the_filled_part(force_impl, impl, t):
         assert torch.equal(got[b : b + 1].sort(-1).values, want.sort(-1).values), f"row {b}"
 
 
+def _decode_kernels(q, k, w, topk, lengths, start=None):
+    """The decode kernels themselves on 16/32-bit keys (``select_topk_decode`` sends those to the full
+    path, measured faster; FP8 keys go to the decode kernels)."""
+    start = None if start is None else start.to(torch.int32)
+    return decode_topk(q, k, w, lengths.to(torch.int32), start, topk)
+
+
 def _reference_sets(q, k, w, topk, lengths, start):
     """Row by row ``select_topk_reference`` on the filled part, sorted (positions form a set)."""
     rows = []
@@ -53,8 +61,9 @@ def test_decode_kernel_equals_the_reference_on_odd_shapes(force_impl, dtype, t):
     q, k, w = _cache(5, t, 211, 3, 24, seed=11 + t, dtype=dtype)
     lengths = torch.tensor([211, 150, 97, 40, 60], dtype=torch.int32, device=DEVICE)
     start = torch.tensor([0, 7, 0, 19, 60 - t], dtype=torch.int32, device=DEVICE)
-    got = select_topk_decode(q, k, w, 37, lengths, key_start=start)
-    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 37, lengths, start))
+    want = _reference_sets(q, k, w, 37, lengths, start)
+    assert torch.equal(_decode_kernels(q, k, w, 37, lengths, start).sort(-1).values, want)
+    assert torch.equal(select_topk_decode(q, k, w, 37, lengths, key_start=start).sort(-1).values, want)
 
 
 @pytest.mark.parametrize("case", ["repeated keys", "distinct keys", "negative gates"])
@@ -68,8 +77,9 @@ def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, 
     if case == "repeated keys":
         k = k[:, torch.arange(150) % 5]
     lengths = torch.tensor([150, 133], dtype=torch.int32, device=DEVICE)
-    got = select_topk_decode(q, k, w, 23, lengths)
-    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 23, lengths, None))
+    want = _reference_sets(q, k, w, 23, lengths, None)
+    assert torch.equal(_decode_kernels(q, k, w, 23, lengths).sort(-1).values, want)
+    assert torch.equal(select_topk_decode(q, k, w, 23, lengths).sort(-1).values, want)
 
 
 def test_decode_kernel_on_scores_within_one_octave(force_impl):
@@ -80,7 +90,7 @@ def test_decode_kernel_on_scores_within_one_octave(force_impl):
     k = 3.0 + 0.02 * k
     q, w = q.abs() + 1.0, w.abs() + 1.0
     lengths = torch.tensor([1500, 1203], dtype=torch.int32, device=DEVICE)
-    got = select_topk_decode(q, k, w, 301, lengths)
+    got = _decode_kernels(q, k, w, 301, lengths)
     assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 301, lengths, None))
 
 
