@@ -29,10 +29,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from decode_case import decode_case  # this folder (a script's own folder is on sys.path)
 
 from keye_dsa import indexer_kl_loss, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
-from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
 from keye_dsa.testing import rel_err
@@ -333,19 +334,9 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     filled keys. Both are timed eager and graphed, in the same run; the index-key cache both in bf16
     and in FP8 e4m3 with a per-key scale (``quantize_index_keys``).
     """
-    b, s, hq, hkv, d, h_i, d_i, topk = (
-        (2, 300, 8, 2, 16, 4, 16, 16) if smoke else (8, 131072, 32, 4, 128, 4, 128, 2048)
-    )
-    cap = s + 256
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt)
-    k = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
-    v = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
-    qi = torch.randn(b, 1, h_i, d_i, device=dev, dtype=dt)
-    ki = torch.randn(b, cap, d_i, device=dev, dtype=dt)
-    w = torch.randn(b, 1, h_i, device=dev, dtype=torch.float32)
-    k8, k_scale = quantize_index_keys(ki)
-    lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
+    case = decode_case(dev, smoke, torch.bfloat16 if dev == "cuda" else torch.float32)
+    b, s, topk, lengths = case.b, case.s, case.topk, case.lengths
+    q, k, v, qi, ki, w, k8, k_scale = case.q, case.k, case.v, case.qi, case.ki, case.w, case.k8, case.k_scale
     qt = q.transpose(1, 2)
     kt, vt = (x[:, :s].transpose(1, 2).contiguous() for x in (k, v))
     kv_bytes = 2 * kt.numel() * kt.element_size()
@@ -382,7 +373,7 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     record_check("decode: FP8 cache == reference on the dequantized keys (same index sets)", float(
         not torch.equal(select_fp8().sort(-1).values, want8.sort(-1).values)), 0.5)  # fmt: skip
     record_check("decode: sparse output vs reference", rel_err(sparse(), sparse_attention_reference(
-        q, k, v, idx, d**-0.5)[0]), 1e-2)  # fmt: skip
+        q, k, v, idx, q.shape[-1] ** -0.5)[0]), 1e-2)  # fmt: skip
     label = f"decode (batch {b}, {s // 1024}K cache)"
     dense_ms = timed(dense, reps)
     add(f"{label} dense SDPA eager", s, dense_ms, TBps=kv_bytes / dense_ms / 1e9)

@@ -22,12 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from decode_case import decode_case  # this folder (a script's own folder is on sys.path)
 
 from keye_dsa import select_topk_decode, sparse_attention
 from keye_dsa.ops._triton_utils import dot_flags
 from keye_dsa.ops.indexer_topk import decode_kernel as dk
 from keye_dsa.ops.indexer_topk import triton_kernel as tk
-from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
 from keye_dsa.ops.sparse_attention import triton_kernel as sk
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
@@ -184,20 +185,11 @@ def main() -> None:
     OUT_PATH = args.out
     os.environ.setdefault("KEYE_DSA_IMPL", "triton")
     dev = "cuda" if GPU else "cpu"
-    b, s, hq, hkv, d, h_i, d_i, topk = (
-        (2, 300, 8, 2, 16, 4, 16, 16) if args.smoke else (8, 131072, 32, 4, 128, 4, 128, 2048)
-    )
-    cap = s + 256
-    dt = torch.bfloat16
     torch.manual_seed(0)
-    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt)
-    k = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
-    v = torch.randn(b, cap, hkv, d, device=dev, dtype=dt)
-    qi = torch.randn(b, 1, h_i, d_i, device=dev, dtype=dt)
-    ki = torch.randn(b, cap, d_i, device=dev, dtype=dt)
-    w = torch.randn(b, 1, h_i, device=dev, dtype=torch.float32)
-    k8, scale = quantize_index_keys(ki)
-    lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
+    case = decode_case(dev, args.smoke, torch.bfloat16)
+    b, s, topk, lengths = case.b, case.s, case.topk, case.lengths
+    q, k, v, qi, ki, w, k8, scale = case.q, case.k, case.v, case.qi, case.ki, case.w, case.k8, case.k_scale
+    hkv, d = k.shape[2:]
     try:
         expected = correctness(qi, ki, w, k8, scale, lengths, topk, q, k, v)
     except Exception as e:  # keep the timings
