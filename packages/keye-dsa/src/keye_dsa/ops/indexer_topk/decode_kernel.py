@@ -118,6 +118,18 @@ def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
 
 
 @triton.jit
+def _append(counter, keep, dst, value, dst2, value2, PAIR: tl.constexpr):
+    """Appends ``value`` (with ``PAIR``, ``value2`` at ``dst2`` too) where ``keep`` to the list at ``dst``
+    whose length is ``counter``: one atomic reservation per program, so programs append in any order."""
+    n = tl.sum(keep.to(tl.int32), 0)
+    if n > 0:
+        at = tl.atomic_add(counter, n, sem="relaxed") + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(dst + at, value, mask=keep)
+        if PAIR:
+            tl.store(dst2 + at, value2, mask=keep)
+
+
+@triton.jit
 def _decode_compact(
     S, LEN, START, HIST, HIST2, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
@@ -136,15 +148,9 @@ def _decode_compact(
     bin_ = (key >> (32 - NBITS)).to(tl.int32)
     above = ok & (bin_ > digit)
     cand = ok & (bin_ == digit)
-    n_a = tl.sum(above.to(tl.int32), 0)
-    n_c = tl.sum(cand.to(tl.int32), 0)
-    if n_a > 0:
-        base = tl.atomic_add(COUNT + row * 3, n_a, sem="relaxed")
-        tl.store(OUT + row * sor + base + tl.cumsum(above.to(tl.int32), 0) - 1, s, mask=above)
-    if n_c > 0:
-        at = tl.atomic_add(COUNT + row * 3 + 1, n_c, sem="relaxed") + tl.cumsum(cand.to(tl.int32), 0) - 1
-        tl.store(CS + row * scr + at, x, mask=cand)
-        tl.store(CP + row * scr + at, s, mask=cand)
+    _append(COUNT + row * 3, above, OUT + row * sor, s, OUT, s, False)
+    _append(COUNT + row * 3 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
+    if tl.sum(cand.to(tl.int32), 0) > 0:
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
         tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
 
@@ -166,15 +172,8 @@ def _decode_refine(
         bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
         gt = (j < n_bin) & (bin2 > digit2)
         eq = (j < n_bin) & (bin2 == digit2)
-        n_gt = tl.sum(gt.to(tl.int32), 0)
-        n_eq = tl.sum(eq.to(tl.int32), 0)
-        if n_gt > 0:
-            base = tl.atomic_add(COUNT + row * 3, n_gt, sem="relaxed")
-            tl.store(OUT + row * sor + base + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
-        if n_eq > 0:
-            at = tl.atomic_add(COUNT + row * 3 + 2, n_eq, sem="relaxed") + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(CS2 + row * scr + at, x, mask=eq)
-            tl.store(CP2 + row * scr + at, p_j, mask=eq)
+        _append(COUNT + row * 3, gt, OUT + row * sor, p_j, OUT, p_j, False)
+        _append(COUNT + row * 3 + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
 
 
 @triton.jit
