@@ -170,9 +170,9 @@ def _candidate_scores(
 ):  # fmt: skip
     """One program per block of queries loads its queries once, loops over all its key tiles and
     appends the (score bits, window position) pairs at or above ``THR`` to the rows of the int32 pair
-    buffer ``C`` (``CAP`` pairs each); counts in ``COUNT``, the largest score that did not fit in
-    ``DROPPED``.
-    Tiles every row sees whole (most of them) run in a loop of their own without the visibility mask."""
+    buffer ``C`` (``CAP`` pairs each); counts in ``COUNT``, an upper bound of the scores that did not fit
+    in ``DROPPED``. Tiles every row sees whole (most of them) run in a loop of their own without the
+    visibility mask."""
     Q, K, W, b, t, t_ok, lo, hi = _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T)
     rows = C + b * scb + t.to(tl.int64) * sct  # each row's first pair
     thr = tl.load(THR + b * n_rows + t, mask=t_ok, other=float("inf"))
@@ -234,11 +234,11 @@ def _store_pairs(ptr, first, second, keep, STORE_ASM: tl.constexpr):
 @triton.jit
 def _compact(rows, score, keep, taken, dropped, s_loc, cap, BLOCK_S: tl.constexpr, STORE_ASM: tl.constexpr):
     """Appends the kept (score bits, position) pairs of a tile to the pair rows starting at ``rows``, in
-    key order; returns the rows' new counts and the largest score of the entries past ``cap`` (counted,
-    not written; an upper bound of it: the largest score of every tile from the one where the row
-    may first overflow on). A kept entry's slot is the number of kept entries before it in its row: each row's
-    keep bits are gathered into 32-bit words by a reduction and counted with popcounts, all in the
-    tile's own layout (a ``tl.cumsum`` along the keys moved the tile through shared memory twice)."""
+    key order. Returns the rows' new counts (entries past ``cap`` are counted, not written) and an upper
+    bound of the scores past ``cap``: the largest score of every tile in which a row may overflow. A
+    kept entry's slot is the number of kept entries before it in its row: each row's keep bits are
+    gathered into 32-bit words by a reduction and counted with popcounts, all in the tile's own layout
+    (a ``tl.cumsum`` along the keys moved the tile through shared memory twice)."""
     may_drop = taken + BLOCK_S > cap
     j = tl.arange(0, BLOCK_S)
     bit = tl.full([BLOCK_S], 1, tl.uint32) << (j % 32).to(tl.uint32)
