@@ -438,27 +438,50 @@ def _radix_write(
 
 
 @triton.jit
-def _kth_largest_key(key, valid, k):
-    """The ``k``-th largest of the ``valid`` uint32 keys and how many keys lie above it, bit by bit from
-    the top: the largest value with at least ``k`` keys at or above it. Bits shared by the smallest and
-    largest key are skipped, and the search stops once exactly ``k`` keys are at or above the prefix
-    found (then no key ties with the k-th: the prefix selects the same keys)."""
-    lo = tl.min(tl.where(valid, key, 0xFFFFFFFF), 0)
-    hi = tl.max(tl.where(valid, key, 0), 0)
+def _kth_largest_key(key, k):
+    """The ``k``-th largest of the uint32 keys (0 marks an absent key: no fp32 score maps to it) and how
+    many keys lie above it, bit by bit from the top: the largest value with at least ``k`` keys at or
+    above it. Bits shared by the smallest and largest key are skipped, and the search stops once exactly
+    ``k`` keys are at or above the prefix found (then no key ties with the k-th: the prefix selects the
+    same keys). Every trial is nonzero, so absent keys never count, without a mask per key and bit."""
+    present = key != 0
+    lo = tl.min(tl.where(present, key, 0xFFFFFFFF), 0)
+    hi = tl.max(key, 0)
     differ = lo ^ hi
     free_bits = tl.zeros([], tl.int32)
     for b in tl.static_range(32):  # bit length of ``differ`` (Triton has no count-leading-zeros)
         free_bits += ((differ >> b) != 0).to(tl.int32)
     found = tl.where(free_bits == 32, 0, lo & (0xFFFFFFFF << free_bits.to(tl.uint32))).to(tl.uint32)
-    at_found = tl.sum(valid.to(tl.int32), 0)
+    at_found = tl.sum(present.to(tl.int32), 0)
     bit = free_bits
     while (bit > 0) & (at_found != k):
         bit -= 1
         trial = found | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-        at_least = tl.sum((valid & (key >= trial)).to(tl.int32), 0)
+        at_least = tl.sum((key >= trial).to(tl.int32), 0)
         found = tl.where(at_least >= k, trial, found)
         at_found = tl.where(at_least >= k, at_least, at_found)
-    return found, tl.sum((valid & (key > found)).to(tl.int32), 0)
+    return found, tl.sum((key > found).to(tl.int32), 0)
+
+
+@triton.jit
+def _select_kept(scores, pos, kept, count, dropped, out, shift, TOPK, CAP, BLOCK: tl.constexpr):
+    """The top-``TOPK`` of the first ``kept`` (``<= BLOCK``) pairs, searched in registers; False (nothing
+    written) when the bound ``dropped`` of the ``count - CAP`` pairs that did not fit beats the k-th
+    largest. Slots: keys above the threshold in key order, then ties in key order while they fit."""
+    j = tl.arange(0, BLOCK)
+    bits = tl.load(scores + 2 * j, mask=j < kept, other=0)
+    key = tl.where(j < kept, _ordered_key(bits.to(tl.float32, bitcast=True)), 0)
+    threshold, n_above = _kth_largest_key(key, TOPK)
+    ok = (count <= CAP) | (_ordered_key(dropped) <= threshold)
+    if ok:
+        gt = key > threshold
+        eq = key == threshold
+        # one scan counts both kinds: keys above in the low 16 bits, ties above them (BLOCK <= 2^15)
+        before = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
+        slot = tl.where(gt, (before & 0xFFFF) - 1, n_above + (before >> 16) - 1)
+        take = gt | (eq & (slot < TOPK))
+        tl.store(out + slot, tl.load(pos + 2 * j, mask=take, other=0) + shift, mask=take)
+    return ok
 
 
 @triton.jit
@@ -469,8 +492,9 @@ def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR,
     or more than ``CAP`` with a bound of the scores that did not fit (``DROPPED``) above the k-th largest
     of those that did. Dropped candidates come after the kept ones in key order, so ties with the k-th
     largest among them never win a slot: a buffer full of ties (e.g. exact zeros) still settles its
-    row. The keys (``BLOCK >= CAP``) are searched in registers; the keys above the threshold and, in
-    key order, the ties that fit are then written."""
+    row. The keys (``BLOCK >= CAP``) are searched in registers, in a tile half as long when they fit
+    there (most rows: the sampled threshold aims at half the buffer), since each searched bit reads
+    every key of the tile."""
     row = tl.program_id(0)
     count = tl.load(COUNT + row)
     n = tl.load(HI + row) - tl.load(LO + row) + 1
@@ -486,18 +510,11 @@ def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR,
             tl.store(out + j, tl.where(j < count, src + shift, -1), mask=j < TOPK)
     elif ok:
         kept = tl.minimum(count, CAP)
-        j = tl.arange(0, BLOCK)
-        key = _ordered_key(tl.load(scores + 2 * j, mask=j < kept, other=0).to(tl.float32, bitcast=True))
-        threshold, n_above = _kth_largest_key(key, j < kept, TOPK)
-        ok = (count <= CAP) | (_ordered_key(tl.load(DROPPED + row)) <= threshold)
-        if ok:  # slots: keys above the threshold in key order, then ties in key order while they fit
-            gt = (j < kept) & (key > threshold)
-            eq = (j < kept) & (key == threshold)
-            # one scan counts both kinds: keys above in the low 16 bits, ties above them (BLOCK <= 2^15)
-            before = tl.cumsum(gt.to(tl.int32) + (eq.to(tl.int32) << 16), 0)
-            slot = tl.where(gt, (before & 0xFFFF) - 1, n_above + (before >> 16) - 1)
-            take = gt | (eq & (slot < TOPK))
-            tl.store(out + slot, tl.load(pos + 2 * j, mask=take, other=0) + shift, mask=take)
+        dropped = tl.load(DROPPED + row)
+        if kept <= BLOCK // 2:
+            ok = _select_kept(scores, pos, kept, count, dropped, out, shift, TOPK, CAP, BLOCK // 2)
+        else:
+            ok = _select_kept(scores, pos, kept, count, dropped, out, shift, TOPK, CAP, BLOCK)
     tl.store(FAIL + row, (~ok).to(tl.int8))
 
 
