@@ -82,7 +82,8 @@ def _place_kernel(
     BINS: tl.constexpr,
 ):
     """Each slot of chunk p goes to its expert's padded start + slots of that expert in earlier chunks +
-    its stable rank inside the chunk. Each program also labels a few row blocks with their expert."""
+    its stable rank inside the chunk. Each program also labels a few row blocks with their expert and
+    writes -1 to their padding rows (disjoint from every real row, so the order of stores is free)."""
     p = tl.program_id(0)
     bins = tl.arange(0, BINS)
     e_mask = bins < E
@@ -100,10 +101,13 @@ def _place_kernel(
     before = tl.load(base_ptr + ids * P + p, mask=valid, other=0)
     tl.store(row_slot_ptr + before + rank, offs.to(tl.int32), mask=valid)
     end_real = tl.where(e_mask, end, 2147483647)
-    for b0 in range(p * BLOCKS_PER_PROGRAM, (p + 1) * BLOCKS_PER_PROGRAM, 16):
-        blk = b0 + tl.arange(0, 16)  # a block's expert = number of experts ending at or before it
-        expert = tl.sum((end_real[None, :] <= blk[:, None] * BLOCK_M).to(tl.int32), 1)
-        tl.store(block_expert_ptr + blk, expert, mask=(blk < NUM_BLOCKS) & (blk < b0 + BLOCKS_PER_PROGRAM))
+    filled = start + tl.load(counts_ptr + bins, mask=e_mask, other=0)  # end of each expert's real rows
+    for b in range(p * BLOCKS_PER_PROGRAM, tl.minimum((p + 1) * BLOCKS_PER_PROGRAM, NUM_BLOCKS)):
+        expert = tl.sum((end_real <= b * BLOCK_M).to(tl.int32), 0)  # experts ending at or before block b
+        tl.store(block_expert_ptr + b, expert)
+        rows = b * BLOCK_M + tl.arange(0, BLOCK_M)  # the padding rows (all rows of a tail block) get -1
+        real_end = tl.sum(tl.where(bins == expert, filled, 0), 0)
+        tl.store(row_slot_ptr + rows, tl.full([BLOCK_M], -1, tl.int32), mask=rows >= real_end)
 
 
 def make_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
@@ -117,7 +121,7 @@ def make_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Plan:
     dev = flat.device
     hist = torch.empty(num_experts, chunks, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
-    row_slot = torch.full((num_blocks * block_m,), -1, dtype=torch.int32, device=dev)
+    row_slot = torch.empty(num_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
     expert_start = torch.empty(num_experts, dtype=torch.int32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
