@@ -45,7 +45,7 @@ SCORE_BYTES_PER_CHUNK = 1 << 30  # full path: fp32 scores of one chunk
 CANDIDATE_BYTES_PER_CHUNK = 1 << 30  # candidate path: (score, position) buffers of one chunk
 CANDIDATE_MIN_ROWS = 512  # chunks with fewer rows take the full path
 CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
-CANDIDATE_FACTOR = 2  # the sampled threshold aims at this many times topk candidates
+CANDIDATE_FACTOR = 1.75  # the sampled threshold aims at this many times topk candidates: H100 sweep
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
 SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # the sampling kernel's launch: H200 sweep, BENCHMARKS.md
@@ -493,7 +493,7 @@ def _select_candidates(C, COUNT, DROPPED, LO, HI, BASE, OUT, FAIL, sob, sot, NR,
     of those that did. Dropped candidates come after the kept ones in key order, so ties with the k-th
     largest among them never win a slot: a buffer full of ties (e.g. exact zeros) still settles its
     row. The keys (``BLOCK >= CAP``) are searched in registers, in a tile half as long when they fit
-    there (most rows: the sampled threshold aims at half the buffer), since each searched bit reads
+    there (most rows: the sampled threshold aims below half the buffer), since each searched bit reads
     every key of the tile."""
     row = tl.program_id(0)
     count = tl.load(COUNT + row)
