@@ -3,7 +3,7 @@ import torch
 
 from keye_dsa import indexer_scores, select_topk
 from keye_dsa.ops.indexer_topk import triton_kernel
-from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference
+from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, sample_thresholds_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,6 +90,24 @@ def test_candidate_buffers_hold_the_keys_at_or_above_the_threshold(dtype):
             m = min(n, cap)
             assert torch.equal(cp[bi, ti, :m].long(), pos[:m])  # key order
             torch.testing.assert_close(cs[bi, ti, :m], ref[bi, ti, pos[:m]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("b", "t", "s", "k0", "topk"), [(2, 21, 37, 0, 12), (1, 40, 300, 5, 8), (2, 30, 60, 0, 20)]
+)
+def test_sampled_thresholds_equal_the_reference(b, t, s, k0, topk):
+    """The sample scoring and threshold-search kernels against the same estimate from PyTorch ops:
+    ragged windows (a left edge per row), rows that see few keys (threshold -inf), and a key offset."""
+    q, k, w = _inputs(b, t, s, 3, 24, torch.float32, seed=s)
+    width = s - k0
+    hi = (torch.arange(t, dtype=torch.int32, device=DEVICE) + width - t)[None].expand(b, t).contiguous()
+    lo = torch.zeros(b, t, dtype=torch.int32, device=DEVICE)
+    lo[-1] = 3  # the last row hides its first keys (left padding)
+    got = triton_kernel.sample_thresholds(q, k, w, lo, hi, k0, width, topk)
+    rank = max(1, int(triton_kernel.CANDIDATE_FACTOR * topk))
+    want = sample_thresholds_reference(q, k, w, lo, hi, k0, width, 16, rank)
+    assert torch.isfinite(want).any()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("case", ["sampled", "exact zeros", "tiny buffer", "too few"])

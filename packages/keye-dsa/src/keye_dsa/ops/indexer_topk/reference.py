@@ -56,6 +56,40 @@ def indexer_scores_reference(
     return scores
 
 
+def sample_thresholds_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    k0: int,
+    width: int,
+    samples: int,
+    rank_target: int,
+) -> torch.Tensor:
+    """The candidate path's sampled thresholds ``[B, T]`` from PyTorch ops (the kernels' ground truth).
+
+    Sample j is the key at window position ``j * width // samples`` (key ``k0 +`` that). Per query: the
+    sampled score ranking ``ceil(rank_target * m / n)`` among its ``m`` visible samples (``n`` visible
+    keys, window positions ``[lo, hi]``), cut to the leading 16 bits of its order-preserving key;
+    ``-inf`` when ``n <= rank_target`` or no sample is visible.
+    """
+    pos = torch.arange(samples, device=k.device) * width // samples
+    scores = indexer_scores_reference(q, k[:, k0 + pos], w, causal=False).float()
+    lo, hi = lo.long()[..., None], hi.long()[..., None]
+    visible = (pos >= lo) & (pos <= hi)
+    m = visible.sum(-1)
+    n = (hi - lo + 1)[..., 0]
+    rank = (rank_target * m + n - 1) // n.clamp_min(1)
+    ranked = scores.masked_fill(~visible, float("-inf")).sort(-1, descending=True).values
+    picked = ranked.gather(-1, (rank - 1).clamp_min(0)[..., None])[..., 0]
+    bits = picked.view(torch.int32).long() & 0xFFFFFFFF
+    key = torch.where(bits >> 31 == 1, bits ^ 0xFFFFFFFF, bits ^ 0x80000000) & 0xFFFF0000
+    bits = torch.where(key >> 31 == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF)
+    cut = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    return torch.where((n > rank_target) & (m > 0), cut, float("-inf"))
+
+
 def all_visible(
     batch: int, q_len: int, k_len: int | torch.Tensor, topk: int, key_start, device
 ) -> torch.Tensor:
