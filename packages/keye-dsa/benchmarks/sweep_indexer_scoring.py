@@ -103,26 +103,24 @@ def stages(stage, rep: int) -> dict:
     )
 
 
-def dense_cudnn_forward_ms(t: int) -> float:
+def cudnn_forward_ms_by_layout(t: int) -> dict[str, float]:
     """The issue's peer: causal GQA attention forward through SDPA's cuDNN backend, batch 1, bf16,
-    Hq=32, Hkv=4, D=128 (``select_topk`` is measured against it). Timed with q, k, v contiguous as
-    ``[B, H, T, D]`` and as ``[B, T, H, D]`` transposed (cuDNN's speed differs by a few percent between
-    them, and ``bench_dsa.py`` uses the second); the faster one is the peer."""
+    Hq=32, Hkv=4, D=128 (``select_topk`` is measured against the faster layout). Timed with q, k, v as
+    ``[B, T, H, D]`` transposed (``bench_dsa.py``'s layout) and contiguous as ``[B, H, T, D]``: cuDNN's
+    speed differs by a few percent between them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    attend = torch.nn.functional.scaled_dot_product_attention
-    layouts = {}
-    for layout in ("BHTD", "BTHD"):
-        shape = (lambda h: (1, h, t, 128)) if layout == "BHTD" else (lambda h: (1, t, h, 128))
-        q, k, v = (torch.randn(shape(h), device="cuda", dtype=torch.bfloat16) for h in (32, 4, 4))
-        if layout == "BTHD":
-            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            run = lambda q=q, k=k, v=v: attend(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-            layouts[layout] = timed(run, rep=600 if t > 65536 else 200)
-        del q, k, v, run
-    RESULTS.setdefault("cudnn_forward_layouts_ms", {})[t] = layouts
-    return min(layouts.values())
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    bthd = [
+        torch.randn(1, t, h, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for h in (32, 4, 4)
+    ]
+    layouts = {"BTHD": bthd, "BHTD": [x.contiguous() for x in bthd]}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return {
+            name: timed(lambda x=x: attend(*x), rep=600 if t > 65536 else 200) for name, x in layouts.items()
+        }
 
 
 def save(path: str | None) -> None:
@@ -204,8 +202,9 @@ def main() -> None:
             whole[name] = timed(run, rep=600 if t > 65536 else 200)
             print(f"T={t} select_topk {name}: {whole[name]:.2f} ms")
         if args.peer and dev == "cuda":
-            peer = RESULTS.setdefault("cudnn_forward_ms", {})[t] = dense_cudnn_forward_ms(t)
-            layouts = ", ".join(f"{n} {v:.2f}" for n, v in RESULTS["cudnn_forward_layouts_ms"][t].items())
+            by_layout = RESULTS.setdefault("cudnn_forward_layouts_ms", {})[t] = cudnn_forward_ms_by_layout(t)
+            peer = RESULTS.setdefault("cudnn_forward_ms", {})[t] = min(by_layout.values())
+            layouts = ", ".join(f"{n} {v:.2f}" for n, v in by_layout.items())
             print(f"T={t} cuDNN dense forward {peer:.2f} ms (faster of {layouts}); select_topk / cuDNN: "
                   + ", ".join(f"{n} {v / peer:.1%}" for n, v in whole.items()))  # fmt: skip
         save(args.out)

@@ -83,10 +83,10 @@ def sample_thresholds_reference(
     rank = (rank_target * m + n - 1) // n.clamp_min(1)
     ranked = scores.masked_fill(~visible, float("-inf")).sort(-1, descending=True).values
     picked = ranked.gather(-1, (rank - 1).clamp_min(0)[..., None])[..., 0]
-    bits = picked.view(torch.int32).long() & 0xFFFFFFFF
-    key = torch.where(bits >> 31 == 1, bits ^ 0xFFFFFFFF, bits ^ 0x80000000) & 0xFFFF0000
-    bits = torch.where(key >> 31 == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF)
-    cut = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+    # clearing the low 16 bits of the order-preserving key clears them in a positive float's bits and
+    # sets them in a negative one's (its key is the bits inverted)
+    bits = picked.view(torch.int32)
+    cut = torch.where(bits < 0, bits | 0xFFFF, bits & -0x10000).view(torch.float32)
     return torch.where((n > rank_target) & (m > 0), cut, float("-inf"))
 
 

@@ -87,7 +87,8 @@ def _place_kernel(
     p = tl.program_id(0)
     bins = tl.arange(0, BINS)
     e_mask = bins < E
-    padded = (tl.load(counts_ptr + bins, mask=e_mask, other=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    counts = tl.load(counts_ptr + bins, mask=e_mask, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     start = end - padded
     if p == 0:
@@ -101,7 +102,7 @@ def _place_kernel(
     before = tl.load(base_ptr + ids * P + p, mask=valid, other=0)
     tl.store(row_slot_ptr + before + rank, offs.to(tl.int32), mask=valid)
     end_real = tl.where(e_mask, end, 2147483647)
-    filled = start + tl.load(counts_ptr + bins, mask=e_mask, other=0)  # end of each expert's real rows
+    filled = start + counts  # end of each expert's real rows
     for b in range(p * BLOCKS_PER_PROGRAM, tl.minimum((p + 1) * BLOCKS_PER_PROGRAM, NUM_BLOCKS)):
         expert = tl.sum((end_real <= b * BLOCK_M).to(tl.int32), 0)  # experts ending at or before block b
         tl.store(block_expert_ptr + b, expert)
