@@ -1,11 +1,13 @@
-"""Launch sweep of the candidate scoring kernel (stage 2 of ``select_topk``'s candidate path).
+"""Launch sweeps of the candidate scoring kernel and the threshold sampler (stages 2 and 1 of
+``select_topk``'s candidate path).
 
 Batch 1, 4 index heads x 128, bf16, top-k 2048, causal, random normal inputs. Every variant of
 ``CANDIDATE_LAUNCH`` is checked first: at 32K its whole ``select_topk`` must pick keys whose reference
 (fp32 PyTorch) scores equal each query's reference top-k scores (index sets and last-chunk candidate
 counts are compared with the committed launch's too); only checked variants can win. Then ``do_bench``
 medians of the scoring of the last (longest) query chunk at each length, and of the whole
-``select_topk`` for the committed launch and the fastest variant. Scoring FLOPs: 2 * visible (query,
+``select_topk`` for the committed launch and the fastest variant. Every ``SAMPLE_VARIANTS`` launch of
+the sampler is timed on the last chunk and must give the committed launch's thresholds. Scoring FLOPs: 2 * visible (query,
 key) pairs * heads * dim.
 
     PYTHONUNBUFFERED=1 python packages/keye-dsa/benchmarks/sweep_indexer_scoring.py --out sweep.json
@@ -26,6 +28,7 @@ from keye_dsa.ops.indexer_topk import triton_kernel as tk
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference
 
 COMMITTED = dict(tk.CANDIDATE_LAUNCH)
+SAMPLE_COMMITTED = (dict(tk.SAMPLE_LAUNCH), tk.SAMPLE_SEARCH_ROWS)
 
 
 def setting(block_t: int, block_s: int, stages: int, warps: int = 8) -> dict:
@@ -37,7 +40,19 @@ VARIANTS = {
     "committed": COMMITTED,
     "128x64 s3": setting(128, 64, 3),
 }
-RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "stages": {}, "select_topk": {}, "errors": []}
+# Threshold sampler launches (the scoring kernel's launch, the search's rows per program): every one
+# must give the committed launch's thresholds bit for bit.
+SAMPLE_VARIANTS = {
+    "committed": SAMPLE_COMMITTED,
+    "split 8": (dict(SAMPLE_COMMITTED[0], SPLIT=8), SAMPLE_COMMITTED[1]),
+    "split 2": (dict(SAMPLE_COMMITTED[0], SPLIT=2), SAMPLE_COMMITTED[1]),
+    "128x64 8 warps": (dict(SAMPLE_COMMITTED[0], BLOCK_T=128, num_warps=8), SAMPLE_COMMITTED[1]),
+    "2 stages": (dict(SAMPLE_COMMITTED[0], num_stages=2), SAMPLE_COMMITTED[1]),
+    "search 2 rows": (SAMPLE_COMMITTED[0], 2),
+    "search 8 rows": (SAMPLE_COMMITTED[0], 8),
+}
+RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "stages": {}, "sampler": {}, "select_topk": {},
+                 "errors": []}  # fmt: skip
 
 
 def timed(fn, rep: int) -> float:
@@ -101,6 +116,28 @@ def stages(stage, rep: int) -> dict:
         mean_candidates=cand[1].float().mean().item(),
         flagged_rows=int(tk.select_candidates(*cand, lo, hi, lo, out).sum()),
     )
+
+
+def use_sampler(variant: tuple) -> None:
+    tk.SAMPLE_LAUNCH, tk.SAMPLE_SEARCH_ROWS = variant
+
+
+def sampler_variants(stage, rep: int) -> dict:
+    """Each ``SAMPLE_VARIANTS`` launch on the last chunk: milliseconds, and whether its thresholds equal
+    the committed launch's bit for bit."""
+    qc, k, wc, lo, hi, k0, width, _, topk = stage
+    sample = lambda: tk.sample_thresholds(qc, k, wc, lo, hi, k0, width, topk)  # noqa: E731
+    use_sampler(SAMPLE_COMMITTED)
+    want = sample()
+    row = {}
+    for name, variant in SAMPLE_VARIANTS.items():
+        use_sampler(variant)
+        try:
+            row[name] = dict(same_thresholds=bool(torch.equal(sample(), want)), ms=timed(sample, rep=rep))
+        except Exception as e:  # a launch that does not fit is reported, not fatal
+            RESULTS["errors"].append(f"sampler {name}: {type(e).__name__}: {str(e)[:300]}")
+    use_sampler(SAMPLE_COMMITTED)
+    return row
 
 
 def cudnn_forward_ms_by_layout(t: int) -> dict[str, float]:
@@ -194,6 +231,9 @@ def main() -> None:
         tk.CANDIDATE_LAUNCH = COMMITTED
         RESULTS["stages"][t] = stages(stage, rep=150)
         print(f"T={t} last chunk stages (committed): {RESULTS['stages'][t]}")
+        RESULTS["sampler"][t] = sampler_variants(stage, rep=150)
+        for name, v in RESULTS["sampler"][t].items():
+            print(f"T={t} sampler {name}: {v['ms']:.3f} ms, thresholds as committed: {v['same_thresholds']}")
         ranked = sorted((v["ms"], n) for n, v in row.items() if n in valid) or [(0.0, "committed")]
         whole = RESULTS["select_topk"][t] = {}
         for name in dict.fromkeys(["committed", ranked[0][1]]):

@@ -2,10 +2,12 @@
 
 No ``L x L`` score matrix ever exists. Prefill chunks (the candidate path) never write their scores:
 
-1. ``_sample_threshold``: each block of queries scores ``SAMPLE`` keys spread evenly over the chunk's
-   key window and, per query, takes the sampled score that ranks at ``CANDIDATE_FACTOR * topk`` among
-   its visible keys (scaled from the sample; a bitwise search of its leading bits): an estimate of a
-   threshold that a little more than ``topk`` keys pass.
+1. ``_sample_keys`` scores each block of queries against ``SAMPLE`` keys spread evenly over the chunk's
+   key window and writes the leading 16 bits of each score's order-preserving key; ``_sample_threshold``
+   then takes, per query, the sampled key that ranks at ``CANDIDATE_FACTOR * topk`` among its visible
+   keys (scaled from the sample; a bitwise search): an estimate of a threshold that a little more than
+   ``topk`` keys pass. (One kernel doing both held 255 registers and ran the search after the scoring
+   in each program: 2-3x slower, BENCHMARKS.md.)
 2. ``_candidate_scores``: one program per block of queries loads its queries once and loops over all
    its key tiles (a tensor-core dot per head, ReLU, the per-head gate, the sum over heads; tiles past
    the causal edge skipped) and appends the (score, position) pairs at or above each query's
@@ -48,7 +50,10 @@ CANDIDATES_PER_TOPK = 4  # candidate buffer per row, in units of topk
 CANDIDATE_FACTOR = 1.75  # the sampled threshold aims at this many times topk candidates: H100 sweep
 SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
-SAMPLE_LAUNCH = {"BLOCK_T": 16, "num_warps": 8}  # the sampling kernel's launch: H200 sweep, BENCHMARKS.md
+# The sample scoring kernel's launch (BLOCK_T queries x BLOCK_S samples a step, the samples split over
+# SPLIT programs) and the threshold search's rows per program: H100 sweep, BENCHMARKS.md.
+SAMPLE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3}
+SAMPLE_SEARCH_ROWS = 4
 SELECT_WARPS = 4  # warps of the exact select (one row, candidates in registers): H200 sweep, BENCHMARKS.md
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest at 32K and 128K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
@@ -277,41 +282,55 @@ def _from_ordered_key(key):
 
 
 @triton.jit
-def _sample_threshold(
-    Q, K, W, LO, HI, SMP, THR,
+def _sample_keys(
+    Q, K, W, LO, HI, KEYS,
     sqb, sqt, sqh, skb, sks, swb, swt,
-    k0, n_rows, width, scale, H, D, RANK,
-    M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    k0, n_rows, width, scale, H, D,
+    M: tl.constexpr, PER_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):  # fmt: skip
-    """Per query: the sampled score ranking ``ceil(RANK * m / n)`` among its ``m`` visible samples
-    (``n`` visible keys), i.e. about ``RANK`` of its keys pass it; ``-inf`` (every key passes) when it
-    sees at most ``RANK`` keys or no sample. Samples: window positions ``j * width // M``. Only the top
-    ``THRESHOLD_BITS`` bits of that score are searched (the rest are zero: a slightly lower threshold,
-    within 2^-7 of the score at 16 bits); an estimate needs no more, and each bit costs a pass."""
+    """Stage 1a: the leading ``THRESHOLD_BITS`` (16) bits of the order-preserving keys of a block of
+    queries' scores against samples ``[program_id(1) * PER_SPLIT, +PER_SPLIT)`` (sample ``j``: window
+    position ``j * width // M``), int16 rows of ``M`` in ``KEYS``; 0 where the sample is not visible (no
+    fp32 score but NaN has a key below 2^16). Scored a head at a time, like the candidate kernel; the
+    samples are split over programs so that short chunks still fill the GPU."""
     Q, K, W, b, t, t_ok, lo, hi = _query_block(Q, K, W, LO, HI, sqb, skb, swb, n_rows, BLOCK_T)
-    q, wr = _stacked_queries(Q, W, tl.program_id(0), n_rows, sqt, sqh, swt, H, D, BLOCK_T, BLOCK_H, BLOCK_D)
-    rows = SMP + (b * n_rows + t[:, None]) * M
-    for j0 in range(0, M, BLOCK_S):
+    q, wr = _head_queries(Q, W, t, t_ok, sqt, sqh, swt, H, D, BLOCK_H, BLOCK_D)
+    rows = KEYS + (b * n_rows + t[:, None]) * M
+    j_begin = tl.program_id(1) * PER_SPLIT
+    for j0 in range(j_begin, j_begin + PER_SPLIT, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)
         p = ((j.to(tl.int64) * width) // M).to(tl.int32)
         kt = _key_tile(K, k0 + p, p == p, sks, D, BLOCK_D, EVEN_D)
-        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, False, PRECISE, UPCAST)
+        score = _gated_scores(q, wr, kt, scale, BLOCK_T, BLOCK_H, BLOCK_S, True, PRECISE, UPCAST)
         visible = (p[None, :] >= lo[:, None]) & (p[None, :] <= hi[:, None])
-        tl.store(rows + j[None, :], tl.where(visible, score, float("-inf")), mask=t_ok[:, None])
-    tl.debug_barrier()  # the block reads back what all of its threads wrote
-    x = tl.load(rows + tl.arange(0, M)[None, :], mask=t_ok[:, None], other=float("-inf"))
-    key = _ordered_key(x)
-    m = tl.sum((x > float("-inf")).to(tl.int32), 1)
-    n = hi - lo + 1
+        key = tl.where(visible, _ordered_key(score) >> (32 - THRESHOLD_BITS), 0)
+        tl.store(rows + j[None, :], key.to(tl.int16), mask=t_ok[:, None])
+
+
+@triton.jit
+def _sample_threshold(KEYS, LO, HI, THR, n_rows, RANK, M: tl.constexpr, ROWS: tl.constexpr):
+    """Stage 1b, ``ROWS`` queries a program: the sampled key ranking ``ceil(RANK * m / n)`` among the
+    query's ``m`` visible samples (``n`` visible keys), i.e. about ``RANK`` of its keys pass it, searched
+    bit by bit; its float (low 16 bits of the key zero: a slightly lower threshold, within 2^-7 of the
+    score) is the threshold. ``-inf`` (every key passes) when the query sees at most ``RANK`` keys or no
+    sample. Every trial is nonzero, so the absent samples (0) never count."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < n_rows
+    j = tl.arange(0, M)
+    key = tl.load(KEYS + r[:, None].to(tl.int64) * M + j[None, :], mask=r_ok[:, None], other=0)
+    key = key.to(tl.int32) & 0xFFFF  # the int16 bits as unsigned
+    m = tl.sum((key != 0).to(tl.int32), 1)
+    n = tl.load(HI + r, mask=r_ok, other=0) - tl.load(LO + r, mask=r_ok, other=0) + 1
     rank = ((RANK * m.to(tl.int64) + n - 1) // tl.maximum(n, 1)).to(tl.int32)
-    found = tl.zeros([BLOCK_T], tl.uint32)
+    found = tl.zeros([ROWS], tl.int32)
     for bit in tl.static_range(THRESHOLD_BITS):
-        trial = found | (tl.full([BLOCK_T], 1, tl.uint32) << (31 - bit))
+        trial = found | (tl.full([ROWS], 1, tl.int32) << (THRESHOLD_BITS - 1 - bit))
         at_least = tl.sum((key >= trial[:, None]).to(tl.int32), 1)
         found = tl.where(at_least >= rank, trial, found)
-    use = (n > RANK) & (m > 0)
-    tl.store(THR + b * n_rows + t, tl.where(use, _from_ordered_key(found), float("-inf")), mask=t_ok)
+    thr = _from_ordered_key(found.to(tl.uint32) << (32 - THRESHOLD_BITS))
+    tl.store(THR + r, tl.where((n > RANK) & (m > 0), thr, float("-inf")), mask=r_ok)
 
 
 @triton.jit
@@ -543,18 +562,26 @@ def sample_thresholds(q, k, w, lo, hi, k0, width, topk) -> torch.Tensor:
     """Stage 1 of the candidate path: ``[B, Tc]`` fp32 thresholds (window positions ``lo``/``hi``)."""
     batch, rows, heads, dim = q.shape
     gpu = q.device.type != "cpu"
+    launch = SAMPLE_LAUNCH if gpu else dict(BLOCK_T=16, BLOCK_S=16, SPLIT=1, num_warps=4, num_stages=1)
     m = SAMPLE if gpu else 16
-    block_h = triton.next_power_of_2(heads)
-    thr = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
-    scratch = torch.empty(batch, rows, m, device=q.device, dtype=torch.float32)
-    block_t = SAMPLE_LAUNCH["BLOCK_T"] if gpu else 16
-    _sample_threshold[(triton.cdiv(rows, block_t), 1, batch)](
-        q, k, w, lo, hi, scratch, thr,
+    split = launch["SPLIT"]
+    if m % (split * launch["BLOCK_S"]):
+        raise ValueError(f"SAMPLE_LAUNCH: SPLIT * BLOCK_S must divide the {m} samples, got {launch}")
+    keys = torch.empty(batch, rows, m, device=q.device, dtype=torch.int16)
+    block_d = triton.next_power_of_2(dim)
+    _sample_keys[(triton.cdiv(rows, launch["BLOCK_T"]), split, batch)](
+        q, k, w, lo, hi, keys,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
-        k0, rows, width, dim**-0.5, heads, dim, max(1, int(CANDIDATE_FACTOR * topk)),
-        M=m, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_S=min(128, m), BLOCK_D=triton.next_power_of_2(dim),
-        EVEN_D=dim == triton.next_power_of_2(dim), **dot_flags(q.dtype),
-        num_warps=SAMPLE_LAUNCH["num_warps"] if gpu else 4,
+        k0, rows, width, dim**-0.5, heads, dim,
+        M=m, PER_SPLIT=m // split, BLOCK_T=launch["BLOCK_T"], BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_S=launch["BLOCK_S"], BLOCK_D=block_d, EVEN_D=dim == block_d, **dot_flags(q.dtype),
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+    )  # fmt: skip
+    thr = torch.empty(batch, rows, device=q.device, dtype=torch.float32)
+    search_rows = SAMPLE_SEARCH_ROWS if gpu else 4
+    _sample_threshold[(triton.cdiv(batch * rows, search_rows),)](
+        keys, lo, hi, thr, batch * rows, max(1, int(CANDIDATE_FACTOR * topk)), M=m, ROWS=search_rows,
+        num_warps=4,
     )  # fmt: skip
     return thr
 
