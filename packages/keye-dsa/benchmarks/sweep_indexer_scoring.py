@@ -7,8 +7,8 @@ Batch 1, 4 index heads x 128, bf16, top-k 2048, causal, random normal inputs. Ev
 counts are compared with the committed launch's too); only checked variants can win. Then ``do_bench``
 medians of the scoring of the last (longest) query chunk at each length, and of the whole
 ``select_topk`` for the committed launch and the fastest variant. Every ``SAMPLE_VARIANTS`` launch of
-the sampler is timed on the last chunk and must give the committed launch's thresholds. Scoring FLOPs: 2 * visible (query,
-key) pairs * heads * dim.
+the sampler is timed on the last chunk and must give the committed launch's thresholds. Scoring FLOPs:
+2 * visible (query, key) pairs * heads * dim.
 
     PYTHONUNBUFFERED=1 python packages/keye-dsa/benchmarks/sweep_indexer_scoring.py --out sweep.json
     TRITON_INTERPRET=1 python packages/keye-dsa/benchmarks/sweep_indexer_scoring.py --smoke  # CPU
@@ -47,9 +47,8 @@ SAMPLE_VARIANTS = {
     "split 8": (dict(SAMPLE_COMMITTED[0], SPLIT=8), SAMPLE_COMMITTED[1]),
     "split 2": (dict(SAMPLE_COMMITTED[0], SPLIT=2), SAMPLE_COMMITTED[1]),
     "128x64 8 warps": (dict(SAMPLE_COMMITTED[0], BLOCK_T=128, num_warps=8), SAMPLE_COMMITTED[1]),
-    "2 stages": (dict(SAMPLE_COMMITTED[0], num_stages=2), SAMPLE_COMMITTED[1]),
-    "search 2 rows": (SAMPLE_COMMITTED[0], 2),
-    "search 8 rows": (SAMPLE_COMMITTED[0], 8),
+    "3 stages": (dict(SAMPLE_COMMITTED[0], num_stages=3), SAMPLE_COMMITTED[1]),
+    "search 4 rows": (SAMPLE_COMMITTED[0], 4),
 }
 RESULTS: dict = {"meta": {}, "checks": {}, "last_chunk": {}, "stages": {}, "sampler": {}, "select_topk": {},
                  "errors": []}  # fmt: skip

@@ -7,7 +7,7 @@ No ``L x L`` score matrix ever exists. Prefill chunks (the candidate path) never
    then takes, per query, the sampled key that ranks at ``CANDIDATE_FACTOR * topk`` among its visible
    keys (scaled from the sample; a bitwise search): an estimate of a threshold that a little more than
    ``topk`` keys pass. (One kernel doing both held 255 registers and ran the search after the scoring
-   in each program: 2-3x slower, BENCHMARKS.md.)
+   in each program: 2-2.6x slower on the H100, BENCHMARKS.md.)
 2. ``_candidate_scores``: one program per block of queries loads its queries once and loops over all
    its key tiles (a tensor-core dot per head, ReLU, the per-head gate, the sum over heads; tiles past
    the causal edge skipped) and appends the (score, position) pairs at or above each query's
@@ -52,8 +52,8 @@ SAMPLE = 2048  # keys sampled per chunk to place the thresholds
 THRESHOLD_BITS = tl.constexpr(16)  # leading bits of the sampled thresholds that are searched
 # The sample scoring kernel's launch (BLOCK_T queries x BLOCK_S samples a step, the samples split over
 # SPLIT programs) and the threshold search's rows per program: H100 sweep, BENCHMARKS.md.
-SAMPLE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 3}
-SAMPLE_SEARCH_ROWS = 4
+SAMPLE_LAUNCH = {"BLOCK_T": 64, "BLOCK_S": 64, "SPLIT": 4, "num_warps": 4, "num_stages": 2}
+SAMPLE_SEARCH_ROWS = 2
 SELECT_WARPS = 4  # warps of the exact select (one row, candidates in registers): H200 sweep, BENCHMARKS.md
 # Launch settings of the candidate scoring kernel for 16-bit inputs (BLOCK_T queries x BLOCK_S keys a
 # step), the fastest at 32K and 128K of the H200 sweeps in BENCHMARKS.md; 32-bit inputs take smaller tiles.
