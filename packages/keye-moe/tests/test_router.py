@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from keye_moe.layers.router import Router, switch_aux_loss
 
@@ -118,3 +119,64 @@ def test_fused_topk_softmax_statistics_over_many_row_blocks():
     ref_counts = torch.zeros(e).index_add_(0, ref_ids.reshape(-1), mask.repeat_interleave(k))
     assert torch.equal(counts, ref_counts)
     assert torch.allclose(prob_sum, (probs * mask[:, None]).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "with_bias", "with_mask", "h"),
+    [(torch.float32, False, False, 48), (torch.float32, True, True, 40), (torch.bfloat16, False, True, 32)],
+)
+def test_fused_router_equals_the_gemm_and_the_reference(dtype, with_bias, with_mask, h):
+    """The one-kernel router (logits GEMM + top-k softmax + statistics; the Triton interpreter here)
+    against ``F.linear`` and the PyTorch math on the kernel's own logits: ids, weights and statistics
+    exactly, and every gradient (hidden, router weight; through the weights, the summed probabilities
+    and the returned logits) against autograd through the reference. 37 rows (three blocks, the last
+    ragged), 10 experts (a padded tile), hidden 40 (not a multiple of the k step)."""
+    from keye_moe.layers.topk_softmax import reference_topk_softmax, route
+
+    g = torch.Generator().manual_seed(h)
+    n, e, k = 37, 10, 3
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(e, h, generator=g) * h**-0.5).to(dtype).requires_grad_()
+    bias = torch.randn(e, generator=g) * 0.1 if with_bias else None
+    mask = (torch.rand(n, generator=g) > 0.3).float() if with_mask else None
+    d_w = torch.randn(n, k, generator=g).to(dtype)
+    d_p, d_l = torch.randn(e, generator=g), torch.randn(n, e, generator=g).to(dtype)
+
+    ids, w, counts, prob_sum, logits = route(hidden, weight, k, True, bias, mask)
+    want_logits = F.linear(hidden, weight)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(logits, want_logits, **tol)
+    ref_ids, _, probs = reference_topk_softmax(logits.detach(), k, True, bias)
+    m = torch.ones(n) if mask is None else mask
+    # 16-bit logits tie often: any order among equal selection scores is a valid top-k
+    score = probs if bias is None else probs + bias
+    assert torch.equal(score.gather(-1, ids), score.gather(-1, ref_ids))
+    if dtype == torch.float32:
+        assert torch.equal(ids, ref_ids)
+    ref_w = probs.gather(-1, ids)
+    w_tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else tol  # bf16: one rounding step
+    torch.testing.assert_close(w, (ref_w / ref_w.sum(-1, keepdim=True)).to(dtype), **w_tol)
+    assert torch.equal(counts, torch.zeros(e).index_add_(0, ids.reshape(-1), m.repeat_interleave(k)))
+    torch.testing.assert_close(prob_sum, (probs * m[:, None]).sum(0), rtol=1e-5, atol=1e-5)
+
+    got = torch.autograd.grad((w, prob_sum, logits), (hidden, weight), (d_w, d_p, d_l))
+    # the reference chain on the kernel's logits: the same ids (a softmax of the same logits)
+    ref_logits = want_logits + (logits - want_logits).detach()
+    ref_probs = torch.softmax(ref_logits, -1, dtype=torch.float)
+    ref_weights = ref_probs.gather(-1, ids)
+    ref_weights = (ref_weights / ref_weights.sum(-1, keepdim=True)).to(dtype)
+    ref_sum = (ref_probs * m[:, None]).sum(0)
+    want = torch.autograd.grad((ref_weights, ref_sum, ref_logits), (hidden, weight), (d_w, d_p, d_l))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_router_names_bad_inputs():
+    from keye_moe.layers.topk_softmax import route
+
+    with pytest.raises(ValueError, match="router weight"):
+        route(torch.randn(4, 8), torch.randn(6, 7), 2, True)
+    with pytest.raises(ValueError, match="top_k=7"):
+        route(torch.randn(4, 8), torch.randn(6, 8), 7, True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        route(torch.randn(4, 8), torch.randn(6, 8, dtype=torch.float64), 2, True)
