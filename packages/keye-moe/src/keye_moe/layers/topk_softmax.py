@@ -50,6 +50,12 @@ def _route(x, rows, row_ok, cols, col_ok, bias_ptr, mask_ptr, ids_ptr, weights_p
     x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, never stored
     p = tl.exp(x - tl.max(x, 1)[:, None])
     probs = p / tl.sum(p, 1)[:, None]
+    if STATS:  # summed before the top-k rounds, so that (without a bias) ``probs`` dies here
+        m = row_ok.to(tl.float32)
+        if HAS_MASK:
+            m *= tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
+        block = tl.program_id(0)
+        tl.store(probsum_ptr + block * E + cols, tl.sum(probs * m[:, None], 0), mask=col_ok)
     score = probs
     if HAS_BIAS:
         score = probs + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -57,7 +63,6 @@ def _route(x, rows, row_ok, cols, col_ok, bias_ptr, mask_ptr, ids_ptr, weights_p
     kcols = tl.arange(0, K_POW2)
     ids = tl.zeros((BLOCK_ROWS, K_POW2), dtype=tl.int64)
     weights = tl.zeros((BLOCK_ROWS, K_POW2), dtype=tl.float32)
-    chosen = tl.zeros((BLOCK_ROWS, E_POW2), dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # descending order, as torch.topk
         best_score, best = tl.max(score, 1, return_indices=True)  # ties: the lowest index, as argmax
         hit = cols[None, :] == best[:, None]
@@ -65,7 +70,6 @@ def _route(x, rows, row_ok, cols, col_ok, bias_ptr, mask_ptr, ids_ptr, weights_p
             best_score = tl.sum(tl.where(hit, probs, 0.0), 1)
         ids = tl.where(kcols[None, :] == k, best.to(tl.int64)[:, None], ids)
         weights = tl.where(kcols[None, :] == k, best_score[:, None], weights)
-        chosen += hit.to(tl.float32)
         score = tl.where(hit, float("-inf"), score)
     if NORM:
         weights = weights / tl.sum(weights, 1)[:, None]
@@ -73,13 +77,9 @@ def _route(x, rows, row_ok, cols, col_ok, bias_ptr, mask_ptr, ids_ptr, weights_p
     out_ok = row_ok[:, None] & (kcols[None, :] < TOP_K)
     tl.store(ids_ptr + out, ids, mask=out_ok)
     tl.store(weights_ptr + out, weights.to(weights_ptr.dtype.element_ty), mask=out_ok)
-    if STATS:
-        m = row_ok.to(tl.float32)
-        if HAS_MASK:
-            m *= tl.load(mask_ptr + rows, mask=row_ok, other=0.0)
-        block = tl.program_id(0)
-        tl.store(counts_ptr + block * E + cols, tl.sum(chosen * m[:, None], 0), mask=col_ok)
-        tl.store(probsum_ptr + block * E + cols, tl.sum(probs * m[:, None], 0), mask=col_ok)
+    if STATS:  # the chosen experts are the real columns knocked out to -inf (no probability is -inf)
+        chosen = (score == float("-inf")) & col_ok[None, :]
+        tl.store(counts_ptr + block * E + cols, tl.sum(chosen.to(tl.float32) * m[:, None], 0), mask=col_ok)
 
 
 @triton.jit
