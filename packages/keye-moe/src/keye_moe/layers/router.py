@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keye_moe.layers.topk_softmax import reference_topk_softmax, topk_softmax
+from keye_moe.layers.topk_softmax import reference_topk_softmax, route
 
 
 @dataclass
@@ -58,24 +58,29 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """hidden ``[N, H]`` -> (topk_ids ``[N, K]``, topk_weights ``[N, K]``, stats or None).
 
-        On CUDA the math after the logits GEMM is one Triton kernel (``topk_softmax``); elsewhere the
-        PyTorch reference. Statistics cost a little per layer; decoding skips them (``need_stats=False``).
+        On CUDA the whole router (logits GEMM, softmax, top-k, statistics) is one Triton kernel
+        (``route``); elsewhere the PyTorch reference. Statistics cost a little per layer; decoding skips
+        them (``need_stats=False``).
         """
-        logits = F.linear(hidden, self.weight)
         bias = self.e_score_correction_bias
-        if logits.is_cuda:
+        if hidden.is_cuda:
             mask = token_mask.reshape(-1) if token_mask is not None else None
-            ids, weights, counts, prob_sum = topk_softmax(
-                logits, self.top_k, self.norm_topk_prob, bias, mask, need_stats
+            weight = self.weight
+            if torch.is_autocast_enabled(hidden.device.type):  # as F.linear would: both in autocast's dtype
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+                hidden, weight = hidden.to(dtype), weight.to(dtype)
+            ids, weights, counts, prob_sum, _ = route(
+                hidden, weight, self.top_k, self.norm_topk_prob, bias, mask, need_stats
             )
             if not need_stats:
                 return ids, weights, None
             rows = (
                 mask.float().sum()
                 if mask is not None
-                else torch.full((), float(len(logits)), device=logits.device)
+                else torch.full((), float(len(hidden)), device=hidden.device)
             )
             return ids, weights, RouterStats(counts, prob_sum, rows)
+        logits = F.linear(hidden, self.weight)
         top_ids, top_w, probs = reference_topk_softmax(logits, self.top_k, self.norm_topk_prob, bias)
         return top_ids, top_w, self._stats(probs, top_ids, token_mask) if need_stats else None
 
