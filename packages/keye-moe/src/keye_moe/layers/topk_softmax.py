@@ -176,7 +176,7 @@ class FusedRouter(torch.autograd.Function):
         n, h = hidden.shape
         e = weight.shape[0]
         e_pow2 = max(16, triton.next_power_of_2(e))  # a tensor-core tile is at least 16 wide
-        launch = dict(ROUTER_LAUNCH) if hidden.is_cuda else dict(BLOCK_K=16, num_warps=4, num_stages=1)
+        launch = ROUTER_LAUNCH if hidden.is_cuda else dict(BLOCK_K=16, num_warps=4, num_stages=1)
         # the fp32 logits tile stays at ROUTER_TILE elements: fewer rows per block for more experts
         block_rows = max(16, ROUTER_TILE // e_pow2) if hidden.is_cuda else 16
         blocks = triton.cdiv(n, block_rows)
