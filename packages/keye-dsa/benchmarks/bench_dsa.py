@@ -147,7 +147,8 @@ def correctness(dev: str, smoke: bool) -> None:
         g1 = torch.autograd.grad(got, (qi, ki, w))
         g2 = torch.autograd.grad(want, (qi, ki, w))
         record_check(f"indexer_kl {stage} loss", rel_err(got, want), 1e-4)
-        record_check(f"indexer_kl {stage} grad q_index", rel_err(g1[0], g2[0]), 1e-3)
+        for name, a, b_ in zip(("q_index", "k_index", "weights"), g1, g2):
+            record_check(f"indexer_kl {stage} grad {name}", rel_err(a, b_), 1e-3)
 
 
 def random_indices(t: int, topk: int, dev: str, offset: int = 0) -> torch.Tensor:
@@ -281,16 +282,36 @@ def bench_length(t: int, dev: str, smoke: bool, reps: int, path: str | None) -> 
 
 
 def kl_timings(q, k, qi, ki, w, topk, t, reps) -> None:
-    """Sparse-stage indexer KL forward+backward: Triton kernel against the chunked PyTorch path."""
+    """Indexer KL of both stages, Triton kernel against the chunked PyTorch path: the sparse stage (random
+    top-k indices) forward+backward, the dense warm-up forward and forward+backward.
+
+    Dense FLOPs count the visible (query, key) pairs ``T (T + 1) / 2`` times, per pair, the target's
+    ``q k^T`` twice in the forward (log-sum-exps, then the probabilities: ``2 * 2 Hq D``) plus the
+    indexer's ``2 H_I D_I``; the backward rebuilds both twice (query- and key-major launches) and adds
+    one gradient GEMM each: ``2 * (2 Hq D + 4 H_I D_I)``."""
     idx = random_indices(t, topk, q.device.type)
     qi_g, ki_g, w_g = (x.detach().clone().requires_grad_(True) for x in (qi, ki, w))
+    hq, d, h_i, d_i = q.shape[2], q.shape[3], qi.shape[2], qi.shape[3]
+    pairs = t * (t + 1) / 2
+    fwd_flops = pairs * (4 * hq * d + 2 * h_i * d_i)
+    bwd_flops = pairs * 2 * (2 * hq * d + 4 * h_i * d_i)
 
-    def run():
-        indexer_kl_loss(q, k, qi_g, ki_g, w_g, indices=idx).backward()
+    def run(indices, backward):
+        def go():
+            loss = indexer_kl_loss(q, k, qi_g, ki_g, w_g, indices=indices)
+            if backward:
+                loss.backward()
+
+        return go
 
     for impl in ("triton", "reference"):
         os.environ["KEYE_DSA_IMPL"] = impl
-        add(f"indexer KL sparse fwd+bwd ({impl})", t, timed(run, max(1, reps - 2)))
+        n = max(1, reps - 2) if impl == "triton" else 1
+        add(f"indexer KL sparse fwd+bwd ({impl})", t, timed(run(idx, True), n))
+        f_ms = timed(run(None, False), n)
+        add(f"indexer KL dense fwd ({impl})", t, f_ms, TFLOPs=fwd_flops / f_ms / 1e9)
+        fb_ms = timed(run(None, True), n)
+        add(f"indexer KL dense fwd+bwd ({impl})", t, fb_ms, TFLOPs=(fwd_flops + bwd_flops) / fb_ms / 1e9)
     os.environ["KEYE_DSA_IMPL"] = "triton"
 
 

@@ -46,9 +46,36 @@ def test_sparse_kernel_matches_reference(force_impl, dtype):
     got = indexer_kl_loss(q, k, qi, ki, w, indices=idx, reduction="none")
     want = indexer_kl_reference(q, k, qi, ki, w, indices=idx, scale=16**-0.5)
     assert rel_err(got, want) < 1e-5 and got[0, 3] == 0
+    _assert_grads_match(got, want, (qi, ki, w), 1e-5 if dtype == torch.float32 else 1.5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("hq", "hkv", "h", "keys"),
+    [(8, 2, 3, 13), (6, 2, 4, 21), (4, 4, 1, 13)],  # groups of 4, 3 (padded to 4) and 1; a longer cache
+)
+def test_dense_kernel_matches_reference(force_impl, dtype, hq, hkv, h, keys):
+    """The flash-style warm-up kernel: odd head counts, queries that are the last ``t`` of ``keys``
+    (``S > T``), left padding that hides every key of the first queries of row 1."""
+    force_impl("triton")
+    g = torch.Generator().manual_seed(hq + keys)
+    t, d, di = 13, 16, 8
+    q = torch.randn(2, t, hq, d, generator=g).to(dtype)
+    k = torch.randn(2, keys, hkv, d, generator=g).to(dtype)
+    qi, ki, w = (
+        torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        for shape in ((2, t, h, di), (2, keys, di), (2, t, h))
+    )
+    start = torch.tensor([0, keys - t + 4])  # row 1: queries 0-3 see no key
+    got = indexer_kl_loss(q, k, qi, ki, w, key_start=start, reduction="none")
+    want = indexer_kl_reference(q, k, qi, ki, w, scale=d**-0.5, key_start=start)
+    assert rel_err(got, want) < 1e-5 and got[1, :4].abs().max() == 0
+    _assert_grads_match(got, want, (qi, ki, w), 1e-5 if dtype == torch.float32 else 1.5e-2)
+
+
+def _assert_grads_match(got, want, inputs, tol):
     g = torch.randn_like(got)
-    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
-    for a, b in zip(torch.autograd.grad(got, (qi, ki, w), g), torch.autograd.grad(want, (qi, ki, w), g)):
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
         assert rel_err(a, b) < tol
 
 
@@ -78,7 +105,7 @@ def test_kl_is_zero_when_indexer_matches_target():
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 def test_packed_matches_per_sequence(force_impl, stage):
-    force_impl("triton")  # the sparse stage runs the kernel, sequence by sequence
+    force_impl("triton")  # both stages run their kernel, sequence by sequence
     q, k, qi, ki, w = _inputs(b=1, t=12, dtype=torch.float32, seed=6)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     bounds = ((0, 5), (5, 12))

@@ -65,10 +65,17 @@ def indexer_kl_loss(
         check_rank("indices", indices, 3, "[batch, seq, topk]")
         check_same("indices.shape[:2]", tuple(indices.shape[:2]), "q.shape[:2]", tuple(q.shape[:2]))  # type: ignore[arg-type]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if indices is not None and _triton_ok(q, k, q_index, k_index, weights, indices):
-        from keye_dsa.ops.indexer_kl.triton_kernel import SparseIndexerKL
+    if _triton_ok(q, k, q_index, k_index, weights, indices):
+        if indices is None:
+            from keye_dsa.ops.indexer_kl.dense_kernel import DenseIndexerKL
 
-        per_query = SparseIndexerKL.apply(q_index, k_index, weights, q.detach(), k.detach(), indices, scale)
+            target = (q.detach(), k.detach(), key_start)
+            per_query = DenseIndexerKL.apply(q_index, k_index, weights, *target, scale)
+        else:
+            from keye_dsa.ops.indexer_kl.sparse_kernel import SparseIndexerKL
+
+            target = (q.detach(), k.detach(), indices)
+            per_query = SparseIndexerKL.apply(q_index, k_index, weights, *target, scale)
         return _reduce(per_query, reduction)
     per_query = indexer_kl_chunked(
         q, k, q_index, k_index, weights, indices=indices, scale=scale, key_start=key_start
@@ -77,8 +84,8 @@ def indexer_kl_loss(
 
 
 def _triton_ok(q, k, q_index, k_index, weights, indices) -> bool:
-    """The sparse stage runs the Triton kernel (GQA groups and index heads of at most 16, no fp64)."""
-    tensors = (q, k, q_index, k_index, weights, indices)
+    """Both stages run their Triton kernel for GQA groups and index heads of at most 16, without fp64."""
+    tensors = (q, k, q_index, k_index, weights) + (() if indices is None else (indices,))
     small = q.shape[2] // k.shape[2] <= 16 and q_index.shape[2] <= 16
     return (
         impl_for(*tensors) == "triton"

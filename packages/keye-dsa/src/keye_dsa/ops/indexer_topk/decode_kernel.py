@@ -52,7 +52,7 @@ SELECT_BLOCK = 4096  # level-2 candidates per step of the one-program select (a 
 def _row_bounds(LEN, START, b, t, T, HAS_START: tl.constexpr):
     """Visible window ``[lo, hi]`` of query ``t`` of row ``b``: the new tokens are the last ``T`` keys."""
     hi = tl.load(LEN + b) - T + t
-    lo = tl.load(START + b) if HAS_START else 0
+    lo = tl.load(START + b) if HAS_START else tl.zeros_like(hi)
     return lo, hi
 
 
@@ -178,7 +178,7 @@ def _decode_refine(
 
 @triton.jit
 def _decode_select(
-    LEN, START, HIST, HIST2, OUT, CS2, CP2, sor, scr, T, TOPK,
+    S, LEN, START, HIST, HIST2, OUT, CS2, CP2, ssr, sor, scr, T, TOPK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
@@ -197,19 +197,25 @@ def _decode_select(
         digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
         scores = CS2 + row * scr
         pos = CP2 + row * scr
-        # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes finish it.
-        prefix = tl.zeros([1], tl.uint32) + (
-            (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
-        )
-        pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
         need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
-        for p in tl.static_range(2, 4):
-            hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
-            prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
-        # ``prefix`` is the exact threshold, held by ``n_eq`` candidates (the last pass's count of its
-        # digit), ``need`` of which are taken.
-        n_eq = tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32), hist, 0), 0)
-        cut = _tie_cutoff(scores, pos, n_bin2, prefix, need, n_eq, BLOCK)
+        low, high = _key_range(scores, n_bin2, BLOCK)
+        if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
+            prefix = tl.zeros([1], tl.uint32) + high
+            n_eq = tl.zeros([1], tl.int32) + n_bin2
+        else:
+            # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes.
+            prefix = tl.zeros([1], tl.uint32) + (
+                (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
+            )
+            pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
+            for p in tl.static_range(2, 4):
+                hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
+                prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
+            # the last pass's count of the threshold's digit: the candidates equal to it
+            n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
+                                                             hist, 0), 0)  # fmt: skip
+        # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
+        cut = _tie_cutoff(S + row * ssr, lo, hi, prefix, need, n_eq, BLOCK)
         taken = tl.zeros([1], tl.int32) + (n_above + n_above2)
         for j0 in range(0, n_bin2, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -221,26 +227,37 @@ def _decode_select(
 
 
 @triton.jit
-def _tie_cutoff(scores, pos, n, threshold, need, n_eq, BLOCK: tl.constexpr):
-    """Largest position to take among the ``n_eq`` candidates equal to ``threshold`` so that exactly
-    ``need`` of them (the lowest positions) are taken: the ``need``-th smallest such position, i.e. the
-    ``need``-th largest of the flipped positions ``2**24 - 1 - p``, in three 8-bit radix passes. Many
-    ties happen: a row whose gates are all negative scores its top-k at exactly 0."""
+def _key_range(scores, n, BLOCK: tl.constexpr):
+    """Smallest and largest order-preserving key among the ``n`` candidates: one pass of reductions,
+    which settles the common all-tied case without the two histogram passes."""
+    low = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)
+    high = tl.zeros([BLOCK], tl.uint32)
+    for j0 in range(0, n, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
+        low = tl.minimum(low, tl.where(j < n, key, 0xFFFFFFFF))
+        high = tl.maximum(high, tl.where(j < n, key, 0))
+    return tl.min(low, 0), tl.max(high, 0)
+
+
+@triton.jit
+def _tie_cutoff(row_scores, lo, hi, threshold, need, n_eq, BLOCK: tl.constexpr):
+    """Largest position to take among the ``n_eq`` keys equal to ``threshold`` so that exactly ``need``
+    of them (the lowest positions, the reference's tie rule) are taken: the row's scores are scanned in
+    position order from ``lo`` until the ``need``-th such key, so only the first ties are read."""
     cut = tl.full([1], 2147483647, tl.int32)
+    wanted = tl.sum(need, 0)
     if tl.sum(n_eq > need, 0) > 0:  # ties straddle the cut
-        prefix = tl.zeros([1], tl.uint32)
-        pmask = tl.full([1], 255, tl.uint32) << 24  # the top byte of a flipped position is 0
-        rank = need
-        for p in tl.static_range(1, 4):
-            hist = tl.zeros([256], tl.int32)
-            for j0 in range(0, n, BLOCK):
-                j = j0 + tl.arange(0, BLOCK)
-                key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
-                flip = ((1 << 24) - 1 - tl.load(pos + j, mask=j < n, other=0)).to(tl.uint32)
-                match = (j < n) & (key == threshold) & ((flip & pmask) == prefix)
-                hist += tl.histogram(((flip >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=match)
-            prefix, pmask, rank = _digit_step(hist, prefix, pmask, rank, p)
-        cut = (1 << 24) - 1 - prefix.to(tl.int32)
+        found = tl.zeros_like(lo)
+        j0 = lo
+        while (j0 <= hi) & (found < wanted):
+            j = j0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(row_scores + j, mask=j <= hi, other=0.0))
+            eq = (j <= hi) & (key == threshold)
+            rank = found + tl.cumsum(eq.to(tl.int32), 0)
+            cut = tl.minimum(cut, tl.min(tl.where(eq & (rank == wanted), j, 2147483647), 0))
+            found += tl.sum(eq.to(tl.int32), 0)
+            j0 += BLOCK
     return cut
 
 
@@ -302,7 +319,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
         NBITS=BITS, BLOCK=refine, num_warps=8 if gpu else 4,
     )  # fmt: skip
     _decode_select[(rows,)](
-        lengths, start, hist, hist2, out, cs2, cp2, topk, cs.stride(0), t, topk,
+        scores, lengths, start, hist, hist2, out, cs2, cp2, scores.stride(0), topk, cs.stride(0), t, topk,
         NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     return out
