@@ -37,8 +37,7 @@ def test_matches_select_topk_on_the_filled_part(force_impl, impl, t):
 
 
 def _decode_kernels(q, k, w, topk, lengths, start=None):
-    """The decode kernels themselves on 16/32-bit keys (``select_topk_decode`` sends those to the full
-    path, measured faster; FP8 keys go to the decode kernels)."""
+    """The decode kernels themselves (what ``select_topk_decode`` runs on CUDA for every key dtype)."""
     start = None if start is None else start.to(torch.int32)
     return decode_topk(q, k, w, lengths.to(torch.int32), start, topk)
 
@@ -114,8 +113,8 @@ def test_fp8_index_cache_selects_on_the_dequantized_keys(force_impl, impl):
     dequantized cache."""
     force_impl(impl)
     torch.manual_seed(0)
-    attn = DSAttention(48, 8, 2, 16, index_heads=2, index_head_dim=16, topk=6).eval()
-    x = torch.randn(2, 21, 48)
+    attn = DSAttention(48, 8, 2, 16, index_heads=2, index_head_dim=16, topk=6).eval().to(DEVICE)
+    x = torch.randn(2, 21, 48).to(DEVICE)
     seen = []
     select = attn.sa_indexer.select
 
@@ -129,7 +128,7 @@ def test_fp8_index_cache_selects_on_the_dequantized_keys(force_impl, impl):
         attn(x[:, a:b], cache=cache)
     state = cache.layer(0)
     assert state["k_index"].dtype == torch.float8_e4m3fn and state["k_index_scale"].shape == (2, 21)
-    _, ki, _ = attn.sa_indexer(x, torch.arange(21)[None].expand(2, 21))
+    _, ki, _ = attn.sa_indexer(x, torch.arange(21, device=DEVICE)[None].expand(2, 21))
     err = (dequantize_index_keys(state["k_index"], state["k_index_scale"]) - ki).abs()
     assert bool((err <= ki.abs() * 2**-4 + 1e-3).all())
     for q, k, w, scale, got in seen:

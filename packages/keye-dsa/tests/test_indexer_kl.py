@@ -6,15 +6,16 @@ from keye_dsa.ops.indexer_kl import chunked
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
 from keye_dsa.testing import rel_err
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def _inputs(b=2, t=13, hq=8, hkv=2, d=16, h=3, di=8, dtype=torch.float64, seed=0):
+
+def _inputs(b=2, t=13, hq=8, hkv=2, d=16, h=3, di=8, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, t, hq, d, generator=g, dtype=dtype)
-    k = torch.randn(b, t, hkv, d, generator=g, dtype=dtype)
-    qi = torch.randn(b, t, h, di, generator=g, dtype=dtype).requires_grad_()
-    ki = torch.randn(b, t, di, generator=g, dtype=dtype).requires_grad_()
-    w = torch.randn(b, t, h, generator=g, dtype=dtype).requires_grad_()
-    return q, k, qi, ki, w
+    q, k, qi, ki, w = (
+        torch.randn(*shape, generator=g, dtype=dtype).to(device)
+        for shape in ((b, t, hq, d), (b, t, hkv, d), (b, t, h, di), (b, t, di), (b, t, h))
+    )
+    return q, k, qi.requires_grad_(), ki.requires_grad_(), w.requires_grad_()
 
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
@@ -40,7 +41,7 @@ def test_chunked_matches_naive_reference(monkeypatch, stage, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_kernel_matches_reference(force_impl, dtype):
     force_impl("triton")
-    q, k, qi, ki, w = _inputs(b=2, t=11, dtype=dtype, seed=8)
+    q, k, qi, ki, w = _inputs(b=2, t=11, dtype=dtype, seed=8, device=DEVICE)
     idx = select_topk(qi.detach().float(), ki.detach().float(), w.detach().float(), 5)
     idx[0, 3] = -1  # a query with no key: zero loss, zero gradient
     got = indexer_kl_loss(q, k, qi, ki, w, indices=idx, reduction="none")
@@ -60,13 +61,13 @@ def test_dense_kernel_matches_reference(force_impl, dtype, hq, hkv, h, keys):
     force_impl("triton")
     g = torch.Generator().manual_seed(hq + keys)
     t, d, di = 13, 16, 8
-    q = torch.randn(2, t, hq, d, generator=g).to(dtype)
-    k = torch.randn(2, keys, hkv, d, generator=g).to(dtype)
+    q = torch.randn(2, t, hq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(2, keys, hkv, d, generator=g).to(DEVICE, dtype)
     qi, ki, w = (
-        torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
         for shape in ((2, t, h, di), (2, keys, di), (2, t, h))
     )
-    start = torch.tensor([0, keys - t + 4])  # row 1: queries 0-3 see no key
+    start = torch.tensor([0, keys - t + 4], device=DEVICE)  # row 1: queries 0-3 see no key
     got = indexer_kl_loss(q, k, qi, ki, w, key_start=start, reduction="none")
     want = indexer_kl_reference(q, k, qi, ki, w, scale=d**-0.5, key_start=start)
     assert rel_err(got, want) < 1e-5 and got[1, :4].abs().max() == 0
@@ -106,8 +107,8 @@ def test_kl_is_zero_when_indexer_matches_target():
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 def test_packed_matches_per_sequence(force_impl, stage):
     force_impl("triton")  # both stages run their kernel, sequence by sequence
-    q, k, qi, ki, w = _inputs(b=1, t=12, dtype=torch.float32, seed=6)
-    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, qi, ki, w = _inputs(b=1, t=12, dtype=torch.float32, seed=6, device=DEVICE)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
     bounds = ((0, 5), (5, 12))
     rel = None
     if stage == "sparse":

@@ -70,21 +70,11 @@ def select_topk_decode(
     dev = q_index.device
     lengths = lengths.to(device=dev, dtype=torch.int32)
     q_index, k_cache, weights = (x.contiguous() for x in (q_index, k_cache, weights))
-    if k_scale is not None:  # FP8 keys: only the decode kernels read them
-        from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
+    from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
 
-        start = None if key_start is None else key_start.to(device=dev, dtype=torch.int32)
-        scale = k_scale.to(device=dev, dtype=torch.float32).contiguous()
-        return decode_topk(q_index, k_cache, weights, lengths, start, topk, scale)
-    # 16/32-bit keys: the full path (fp32 scores, segmented radix select) measured faster on the H200
-    # than the decode kernels (147 vs 167-178 us at batch 8 and a 128K cache, BENCHMARKS.md)
-    from keye_dsa.ops.indexer_topk.triton_kernel import topk_chunk
-
-    hi = lengths[:, None] - t + torch.arange(t, dtype=torch.int32, device=dev)[None, :]
-    lo = torch.zeros_like(hi) if key_start is None else key_start.to(dev, torch.int32)[:, None].expand_as(hi)
-    out = torch.empty(batch, t, topk, dtype=torch.int32, device=dev)
-    topk_chunk(q_index, k_cache, weights, lo.contiguous(), hi, torch.zeros_like(hi), out, 0, capacity)
-    return out
+    start = None if key_start is None else key_start.to(device=dev, dtype=torch.int32)
+    scale = None if k_scale is None else k_scale.to(device=dev, dtype=torch.float32).contiguous()
+    return decode_topk(q_index, k_cache, weights, lengths, start, topk, scale)
 
 
 def quantize_index_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
