@@ -13,9 +13,11 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
    that bin to a candidate buffer and histograms their next 8 bits (level 2).
 3. ``_decode_refine``: the same split of the candidates by the level-2 histogram: higher bins to the
    output, the threshold's bin to a second, small candidate buffer.
-4. ``_decode_select``: one program per row finds the exact threshold among those (8-bit radix passes)
-   and writes the keys above it and, among those equal to it, the lowest positions (the reference's tie
-   rule; found bitwise, as the candidates are unordered).
+4. ``_decode_select``: one program per row finds the exact threshold among those (8-bit radix passes,
+   skipped when they all hold one value) and writes the keys above it and, among those equal to it, the
+   lowest positions (the reference's tie rule). The candidates are unordered, so when ties straddle the
+   cut it scans the row's scores in position order up to the cut: thousands of ties are common (a row
+   whose gates are all negative scores ~1/16 of its keys at exactly 0, its maximum).
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
