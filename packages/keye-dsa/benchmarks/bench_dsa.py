@@ -3,7 +3,8 @@
 Batch 1, bf16, Hq=32, Hkv=4, D=128, 4 index heads of dim 128, top-k 2048, T in {8K, 32K, 128K, 256K}:
 sparse attention forward and forward+backward on two index patterns (random, structured), indexer +
 top-k, the whole DSA forward against dense causal attention through torch SDPA (cuDNN and flash
-backends, same run), and decoding one token against a 128K cache at batch 8.
+backends, same run), the indexer KL of both stages against the chunked PyTorch path (T <= 32K), and
+decoding one token against a 128K cache at batch 8.
 
     PYTHONUNBUFFERED=1 python packages/keye-dsa/benchmarks/bench_dsa.py --out results.json
     TRITON_INTERPRET=1 python packages/keye-dsa/benchmarks/bench_dsa.py --smoke   # CPU: tiny shapes
