@@ -106,10 +106,12 @@ def test_kl_is_zero_when_indexer_matches_target():
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
 def test_packed_matches_per_sequence(force_impl, stage):
-    force_impl("triton")  # both stages run their kernel, sequence by sequence
-    q, k, qi, ki, w = _inputs(b=1, t=12, dtype=torch.float32, seed=6, device=DEVICE)
-    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
-    bounds = ((0, 5), (5, 12))
+    """One launch over a packed row (an empty sequence, tiles that straddle sequences) equals the
+    reference sequence by sequence, loss and gradients."""
+    force_impl("triton")
+    q, k, qi, ki, w = _inputs(b=1, t=30, dtype=torch.float32, seed=6, device=DEVICE)
+    cu = torch.tensor([0, 5, 5, 12, 30], dtype=torch.int32, device=DEVICE)
+    bounds = ((0, 5), (5, 5), (5, 12), (12, 30))
     rel = None
     if stage == "sparse":
         rel = select_topk(qi[0].detach(), ki[0].detach(), w[0].detach(), 3, cu_seqlens=cu)
@@ -121,7 +123,9 @@ def test_packed_matches_per_sequence(force_impl, stage):
             q[:, a:b], k[:, a:b], qi[:, a:b], ki[:, a:b], w[:, a:b], indices=idx, scale=0.25
         )
         want.append(part[0])
-    assert rel_err(got, torch.cat(want)) < 1e-5
+    want = torch.cat(want)
+    assert got.shape == (30,) and rel_err(got, want) < 1e-5
+    _assert_grads_match(got, want, (qi, ki, w), 1e-5)
 
 
 def test_clear_errors():
@@ -132,5 +136,8 @@ def test_clear_errors():
         indexer_kl_loss(q[:, :, :3], k, qi, ki, w)
     with pytest.raises(ValueError, match="k_index.shape"):
         indexer_kl_loss(q, k, qi, ki[:, :4], w)
+    with pytest.raises(ValueError, match="not both"):
+        cu = torch.tensor([0, 13], dtype=torch.int32)
+        indexer_kl_loss(q[0], k[0], qi[0], ki[0], w[0], cu_seqlens=cu, key_start=torch.tensor([0]))
     with pytest.raises(ValueError, match="indices must have rank 3"):
         indexer_kl_loss(q, k, qi, ki, w, indices=torch.zeros(2, 13, dtype=torch.int32))

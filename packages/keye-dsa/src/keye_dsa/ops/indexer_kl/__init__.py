@@ -36,19 +36,14 @@ def indexer_kl_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if cu_seqlens is not None:
+    packed = cu_seqlens is not None
+    if packed:
         check_rank("q", q, 3, "[total_tokens, q_heads, head_dim] with cu_seqlens")
         check_cu_seqlens(cu_seqlens, q.shape[0])
-        bounds = [int(x) for x in cu_seqlens.tolist()]
-        parts = [
-            indexer_kl_loss(
-                q[None, a:b], k[None, a:b], q_index[None, a:b], k_index[None, a:b], weights[None, a:b],
-                indices=None if indices is None else indices[None, a:b], scale=scale, reduction="none",
-            )[0]
-            for a, b in itertools.pairwise(bounds)
-        ]  # fmt: skip
-        per_query = torch.cat(parts) if parts else q.new_zeros(0, dtype=torch.float32)
-        return _reduce(per_query, reduction)
+        if key_start is not None:
+            raise ValueError("pass key_start (left padding) or cu_seqlens (packed sequences), not both")
+        q, k, q_index, k_index, weights = (x[None] for x in (q, k, q_index, k_index, weights))
+        indices = None if indices is None else indices[None]
     check_rank("q", q, 4, "[batch, seq, q_heads, head_dim]")
     check_rank("k", k, 4, "[batch, keys, kv_heads, head_dim]")
     check_rank("q_index", q_index, 4, "[batch, seq, index_heads, index_dim]")
@@ -65,22 +60,48 @@ def indexer_kl_loss(
         check_rank("indices", indices, 3, "[batch, seq, topk]")
         check_same("indices.shape[:2]", tuple(indices.shape[:2]), "q.shape[:2]", tuple(q.shape[:2]))  # type: ignore[arg-type]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    target = (q.detach(), k.detach())
     if _triton_ok(q, k, q_index, k_index, weights, indices):
+        query_start, key_end = _kernel_bounds(cu_seqlens, key_start, q, k)
         if indices is None:
             from keye_dsa.ops.indexer_kl.dense_kernel import DenseIndexerKL
 
-            target = (q.detach(), k.detach(), key_start)
-            per_query = DenseIndexerKL.apply(q_index, k_index, weights, *target, scale)
+            per_query = DenseIndexerKL.apply(q_index, k_index, weights, *target, query_start, key_end, scale)
         else:
             from keye_dsa.ops.indexer_kl.sparse_kernel import SparseIndexerKL
 
-            target = (q.detach(), k.detach(), indices)
-            per_query = SparseIndexerKL.apply(q_index, k_index, weights, *target, scale)
-        return _reduce(per_query, reduction)
-    per_query = indexer_kl_chunked(
-        q, k, q_index, k_index, weights, indices=indices, scale=scale, key_start=key_start
-    )
-    return _reduce(per_query, reduction)
+            if packed:  # sequence-relative -> positions in the packed row
+                indices = torch.where(indices >= 0, indices + query_start[..., None], -1)
+            per_query = SparseIndexerKL.apply(q_index, k_index, weights, *target, indices, scale)
+    elif packed:
+        parts = [
+            indexer_kl_chunked(
+                q[:, a:b], k[:, a:b], q_index[:, a:b], k_index[:, a:b], weights[:, a:b],
+                indices=None if indices is None else indices[:, a:b], scale=scale,
+            )
+            for a, b in itertools.pairwise(int(x) for x in cu_seqlens.tolist())
+        ]  # fmt: skip
+        per_query = torch.cat(parts, 1)
+    else:
+        per_query = indexer_kl_chunked(
+            q, k, q_index, k_index, weights, indices=indices, scale=scale, key_start=key_start
+        )
+    return _reduce(per_query[0] if packed else per_query, reduction)
+
+
+def _kernel_bounds(cu_seqlens, key_start, q, k):
+    """The dense kernel's visibility beyond causality, int32: the first key each query sees ``[B, T]`` and
+    one past the last query that sees each key ``[B, S]`` (None, None for plain causal rows)."""
+    (batch, t), s, device = q.shape[:2], k.shape[1], q.device
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=device), cu.diff(), output_size=t)
+        return cu[seq].to(torch.int32)[None], cu[seq + 1].to(torch.int32)[None]
+    if key_start is not None:
+        start = key_start.to(device=device, dtype=torch.int32).view(batch, 1)
+        keys = torch.arange(s, device=device, dtype=torch.int32)[None]
+        return start.expand(batch, t).contiguous(), torch.where(keys >= start, t, 0).to(torch.int32)
+    return None, None
 
 
 def _triton_ok(q, k, q_index, k_index, weights, indices) -> bool:

@@ -38,6 +38,34 @@ def _visible(qpos, s, lo, T, S, OFFSET):
 
 
 @triton.jit
+def _query_starts(QLO, b, tq, T, HAS_BOUNDS: tl.constexpr):
+    """First key each query ``tq`` may see: ``QLO [B, T]`` (left padding, or its packed sequence's start)."""
+    if HAS_BOUNDS:
+        return tl.load(QLO + b * T + tq, mask=tq < T, other=0)
+    else:
+        return tl.zeros_like(tq)
+
+
+@triton.jit
+def _first_tile(QLO, b, tq, T, S, BLOCK_N: tl.constexpr, HAS_BOUNDS: tl.constexpr):
+    """Start of the first key tile any query ``tq`` of a block sees."""
+    if HAS_BOUNDS:
+        return tl.min(tl.where(tq < T, _query_starts(QLO, b, tq, T, HAS_BOUNDS), S), 0) // BLOCK_N * BLOCK_N
+    else:
+        return 0
+
+
+@triton.jit
+def _key_ends(KEND, b, s, S, T, HAS_BOUNDS: tl.constexpr):
+    """One past the last query that sees key ``s``: ``KEND [B, S]`` (0 for a padding key, its packed
+    sequence's end), else ``T``."""
+    if HAS_BOUNDS:
+        return tl.load(KEND + b * S + s, mask=s < S, other=0)
+    else:
+        return tl.zeros_like(s) + T
+
+
+@triton.jit
 def _target_rows(t0, T, GROUP, GP: tl.constexpr, BLOCK_T: tl.constexpr):
     """Query and head-in-group of each (query, head) row of a target tile, and which rows are real."""
     r = tl.arange(0, BLOCK_T * GP)
@@ -48,15 +76,16 @@ def _target_rows(t0, T, GROUP, GP: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _target_probs(
-    Q, K, LSE, b, t0, s, lo, T, S, OFFSET, HQ, HKV, D, qk,
+    Q, K, LSE, QLO, b, t0, s, T, S, OFFSET, HQ, HKV, D, qk,
     GROUP, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BOUNDS: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``p [BLOCK_T, BLOCK_N]`` of queries ``t0 + arange(BLOCK_T)`` over keys ``s``, from the heads'
     saved log-sum-exps (0 where a key is hidden)."""
     rt, rj, row_ok = _target_rows(t0, T, GROUP, GP, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    vis = _visible(rt[:, None], s[None, :], lo, T, S, OFFSET) & row_ok[:, None]
+    lo = _query_starts(QLO, b, rt, T, HAS_BOUNDS)
+    vis = _visible(rt[:, None], s[None, :], lo[:, None], T, S, OFFSET) & row_ok[:, None]
     p = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
     for g in range(0, HKV):
         head = (b * T + rt) * HQ + g * GROUP + rj
@@ -119,21 +148,23 @@ def _load_index_keys(KI, b, s, S, DI, BLOCK_DI: tl.constexpr):
 
 @triton.jit
 def _dense_kl_forward(
-    Q, K, QI, KI, W, START, LSE, LSE_I, OUT,
+    Q, K, QI, KI, W, QLO, LSE, LSE_I, OUT,
     T, S, OFFSET, HQ, HKV, D, H, DI, scale, scale_i,
     GROUP, GP: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, HAS_START: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, HAS_BOUNDS: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     t0 = tl.program_id(0) * BLOCK_T
     b = tl.program_id(1).to(tl.int64)
-    lo = tl.load(START + b) if HAS_START else 0
-    first = lo // BLOCK_N * BLOCK_N
+    tq = t0 + tl.arange(0, BLOCK_T)
+    lo_t = _query_starts(QLO, b, tq, T, HAS_BOUNDS)
+    first = _first_tile(QLO, b, tq, T, S, BLOCK_N, HAS_BOUNDS)
     end = tl.minimum(S, t0 + BLOCK_T + OFFSET)
     qk = scale * LOG2E
     d = tl.arange(0, BLOCK_D)
     # Pass 1: every head's log-sum-exp over its visible keys (log2 domain; -inf for a query without one).
     rt, rj, row_ok = _target_rows(t0, T, GROUP, GP, BLOCK_T)
+    lo_rows = _query_starts(QLO, b, rt, T, HAS_BOUNDS)
     for g in range(0, HKV):
         head = (b * T + rt) * HQ + g * GROUP + rj
         q = tl.load(Q + head[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
@@ -146,7 +177,7 @@ def _dense_kl_forward(
                 mask=(s[:, None] < S) & (d[None, :] < D),
                 other=0.0,
             )
-            vis = _visible(rt[:, None], s[None, :], lo, T, S, OFFSET)
+            vis = _visible(rt[:, None], s[None, :], lo_rows[:, None], T, S, OFFSET)
             sc = tl.where(vis, mma(q, tl.trans(kt), PRECISE, UPCAST) * qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(sc - m_new[:, None]), 1)
@@ -155,7 +186,6 @@ def _dense_kl_forward(
     tl.debug_barrier()  # pass 2 reads the log-sum-exps back in another layout
     # Pass 2: the target and the indexer logits tile by tile; the loss's three sums and the indexer's LSE.
     qi, w = _index_rows(QI, W, b, t0, T, H, DI, HP, BLOCK_T, BLOCK_DI)
-    tq = t0 + tl.arange(0, BLOCK_T)
     m_i = tl.full([BLOCK_T], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_T], tl.float32)
     p_log_p = tl.zeros([BLOCK_T], tl.float32)
@@ -164,10 +194,10 @@ def _dense_kl_forward(
     for s0 in range(first, end, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
         p = _target_probs(
-            Q, K, LSE, b, t0, s, lo, T, S, OFFSET, HQ, HKV, D, qk,
-            GROUP, GP, BLOCK_T, BLOCK_D, BLOCK_N, PRECISE, UPCAST,
+            Q, K, LSE, QLO, b, t0, s, T, S, OFFSET, HQ, HKV, D, qk,
+            GROUP, GP, BLOCK_T, BLOCK_D, BLOCK_N, HAS_BOUNDS, PRECISE, UPCAST,
         )  # fmt: skip
-        vis = _visible(tq[:, None], s[None, :], lo, T, S, OFFSET)
+        vis = _visible(tq[:, None], s[None, :], lo_t[:, None], T, S, OFFSET)
         ki = _load_index_keys(KI, b, s, S, DI, BLOCK_DI)
         logits = _index_logits(mma(qi, tl.trans(ki), PRECISE, UPCAST), w, vis, scale_i, HP, BLOCK_T, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -185,16 +215,15 @@ def _dense_kl_forward(
 
 @triton.jit
 def _dense_kl_backward(
-    Q, K, QI, KI, W, START, LSE, LSE_I, G, DQI, DW, DKI,
+    Q, K, QI, KI, W, QLO, KEND, LSE, LSE_I, G, DQI, DW, DKI,
     T, S, OFFSET, HQ, HKV, D, H, DI, scale, scale_i,
     GROUP, GP: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, HAS_START: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DI: tl.constexpr, HAS_BOUNDS: tl.constexpr, KEY_MAJOR: tl.constexpr,
     PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """``KEY_MAJOR=False``: program ``i`` writes ``dq_I``/``dw`` of query block ``i``, looping over its
     keys; ``True``: ``dk_I`` of key block ``i``, looping over the queries that see it."""
     b = tl.program_id(1).to(tl.int64)
-    lo = tl.load(START + b) if HAS_START else 0
     qk = scale * LOG2E
     di = tl.arange(0, BLOCK_DI)
     if KEY_MAJOR:
@@ -202,29 +231,30 @@ def _dense_kl_backward(
         ki = _load_index_keys(KI, b, s, S, DI, BLOCK_DI)
         dki = tl.zeros([BLOCK_N, BLOCK_DI], tl.float32)
         first_t = tl.maximum(tl.program_id(0) * BLOCK_N - OFFSET, 0) // BLOCK_T * BLOCK_T
-        if tl.program_id(0) * BLOCK_N + BLOCK_N <= lo:  # every key of the block is hidden
-            first_t = T
-        for t0 in range(first_t, T, BLOCK_T):
+        last_t = tl.max(_key_ends(KEND, b, s, S, T, HAS_BOUNDS), 0)  # 0 when no query sees the block
+        for t0 in range(first_t, last_t, BLOCK_T):
             qi, w = _index_rows(QI, W, b, t0, T, H, DI, HP, BLOCK_T, BLOCK_DI)
             du, _dw_rows = _pair_grads(  # dw is the query-major launch's
-                Q, K, LSE, LSE_I, G, qi, w, b, t0, s, ki, lo, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
-                GROUP, GP, HP, BLOCK_T, BLOCK_N, BLOCK_D, PRECISE, UPCAST,
+                Q, K, LSE, LSE_I, G, QLO, qi, w, b, t0, s, ki, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
+                GROUP, GP, HP, BLOCK_T, BLOCK_N, BLOCK_D, HAS_BOUNDS, PRECISE, UPCAST,
             )  # fmt: skip
             dki += mma(tl.trans(du).to(qi.dtype), qi, PRECISE, UPCAST)
         mask = (s[:, None] < S) & (di[None, :] < DI)
         tl.store(DKI + (b * S + s[:, None]) * DI + di[None, :], dki, mask=mask)
     else:
         t0 = tl.program_id(0) * BLOCK_T
+        tq = t0 + tl.arange(0, BLOCK_T)
+        first = _first_tile(QLO, b, tq, T, S, BLOCK_N, HAS_BOUNDS)
         end = tl.minimum(S, t0 + BLOCK_T + OFFSET)
         qi, w = _index_rows(QI, W, b, t0, T, H, DI, HP, BLOCK_T, BLOCK_DI)
         dqi = tl.zeros([BLOCK_T * HP, BLOCK_DI], tl.float32)
         dw = tl.zeros([BLOCK_T * HP], tl.float32)
-        for s0 in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
+        for s0 in range(first, end, BLOCK_N):
             s = s0 + tl.arange(0, BLOCK_N)
             ki = _load_index_keys(KI, b, s, S, DI, BLOCK_DI)
             du, dw_tile = _pair_grads(
-                Q, K, LSE, LSE_I, G, qi, w, b, t0, s, ki, lo, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
-                GROUP, GP, HP, BLOCK_T, BLOCK_N, BLOCK_D, PRECISE, UPCAST,
+                Q, K, LSE, LSE_I, G, QLO, qi, w, b, t0, s, ki, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
+                GROUP, GP, HP, BLOCK_T, BLOCK_N, BLOCK_D, HAS_BOUNDS, PRECISE, UPCAST,
             )  # fmt: skip
             dqi += mma(du.to(ki.dtype), ki, PRECISE, UPCAST)
             dw += dw_tile
@@ -235,17 +265,17 @@ def _dense_kl_backward(
 
 @triton.jit
 def _pair_grads(
-    Q, K, LSE, LSE_I, G, qi, w, b, t0, s, ki, lo, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
+    Q, K, LSE, LSE_I, G, QLO, qi, w, b, t0, s, ki, T, S, OFFSET, HQ, HKV, D, qk, scale_i,
     GROUP, GP: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_BOUNDS: tl.constexpr, PRECISE: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One (query block, key tile) pair of the backward: ``du = dL/d(q_I . k_I)`` per (query, index head)
     row and key (``dq_I += du k_I``, ``dk_I += du^T q_I``) and the rows' ``dw``."""
     tq = t0 + tl.arange(0, BLOCK_T)
-    vis = _visible(tq[:, None], s[None, :], lo, T, S, OFFSET)
+    vis = _visible(tq[:, None], s[None, :], _query_starts(QLO, b, tq, T, HAS_BOUNDS)[:, None], T, S, OFFSET)
     p = _target_probs(
-        Q, K, LSE, b, t0, s, lo, T, S, OFFSET, HQ, HKV, D, qk,
-        GROUP, GP, BLOCK_T, BLOCK_D, BLOCK_N, PRECISE, UPCAST,
+        Q, K, LSE, QLO, b, t0, s, T, S, OFFSET, HQ, HKV, D, qk,
+        GROUP, GP, BLOCK_T, BLOCK_D, BLOCK_N, HAS_BOUNDS, PRECISE, UPCAST,
     )  # fmt: skip
     u = mma(qi, tl.trans(ki), PRECISE, UPCAST)
     logits = _index_logits(u, w, vis, scale_i, HP, BLOCK_T, BLOCK_N)
@@ -255,7 +285,7 @@ def _pair_grads(
     return _index_grads(u, w, dlogits, scale_i, HP, BLOCK_T, BLOCK_N)
 
 
-def _launch_args(q, k, qi, key_start, scale):
+def _launch_args(q, k, qi, has_bounds, scale):
     """Shapes, tile sizes and flags shared by the forward and the backward launches."""
     t, hq, d = q.shape[1:]
     s, hkv = k.shape[1], k.shape[2]
@@ -268,39 +298,44 @@ def _launch_args(q, k, qi, key_start, scale):
         launch = {"ROWS": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     block_t = max(launch["ROWS"] // max(gp, hp), 16 // min(gp, hp), 1)
     flags = dot_flags(torch.float32 if fp32 else q.dtype)
-    start = key_start.to(device=q.device, dtype=torch.int32).contiguous() if key_start is not None else None
     sizes = (t, s, s - t, hq, hkv, d, h, di, scale, di**-0.5)
     meta = dict(
         GROUP=group, GP=gp, HP=hp, BLOCK_T=block_t, BLOCK_N=launch["BLOCK_N"],
-        BLOCK_D=triton.next_power_of_2(d), BLOCK_DI=triton.next_power_of_2(di), HAS_START=start is not None,
+        BLOCK_D=triton.next_power_of_2(d), BLOCK_DI=triton.next_power_of_2(di), HAS_BOUNDS=has_bounds,
         **flags,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
-    return start, sizes, meta
+    return sizes, meta
 
 
 class DenseIndexerKL(torch.autograd.Function):
-    """Per-query dense warm-up KL ``[B, T]``; gradients reach ``q_index``, ``k_index`` and ``weights``."""
+    """Per-query dense warm-up KL ``[B, T]``; gradients reach ``q_index``, ``k_index`` and ``weights``.
+
+    ``query_start [B, T]`` (first key each query sees) and ``key_end [B, S]`` (one past the last query
+    that sees each key), int32, describe left padding or packed sequences; both None: plain causal rows.
+    """
 
     @staticmethod
-    def forward(ctx, q_index, k_index, weights, q, k, key_start, scale):
+    def forward(ctx, q_index, k_index, weights, q, k, query_start, key_end, scale):
         qq, kk, qi, ki, w = (x.contiguous() for x in (q, k, q_index, k_index, weights))
         batch, t = qq.shape[:2]
-        start, sizes, meta = _launch_args(qq, kk, qi, key_start, scale)
+        has_bounds = query_start is not None
+        sizes, meta = _launch_args(qq, kk, qi, has_bounds, scale)
         lse = torch.empty(batch, t, qq.shape[2], device=qq.device, dtype=torch.float32)
         lse_i = torch.empty(batch, t, device=qq.device, dtype=torch.float32)
         out = torch.zeros(batch, t, device=qq.device, dtype=torch.float32)
+        # without bounds, any int32 tensor stands in for the pointers the kernels then never read
+        qlo, kend = (query_start, key_end) if has_bounds else (lse_i.view(torch.int32),) * 2
         if t > 0 and kk.shape[1] > 0:
             grid = (triton.cdiv(t, meta["BLOCK_T"]), batch)
-            _dense_kl_forward[grid](qq, kk, qi, ki, w, start if start is not None else lse_i, lse, lse_i, out,
-                                    *sizes, **meta)  # fmt: skip
-        ctx.save_for_backward(qq, kk, qi, ki, w, start, lse, lse_i)
+            _dense_kl_forward[grid](qq, kk, qi, ki, w, qlo, lse, lse_i, out, *sizes, **meta)
+        ctx.save_for_backward(qq, kk, qi, ki, w, qlo, kend, lse, lse_i)
         ctx.sizes, ctx.meta = sizes, meta
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        qq, kk, qi, ki, w, start, lse, lse_i = ctx.saved_tensors
+        qq, kk, qi, ki, w, qlo, kend, lse, lse_i = ctx.saved_tensors
         batch, t = qq.shape[:2]
         g = grad.float().contiguous()
         dqi = torch.zeros(qi.shape, device=qi.device, dtype=torch.float32)
@@ -308,9 +343,9 @@ class DenseIndexerKL(torch.autograd.Function):
         dki = torch.zeros(ki.shape, device=ki.device, dtype=torch.float32)
         if t > 0 and kk.shape[1] > 0:
             meta = ctx.meta
-            args = (qq, kk, qi, ki, w, start if start is not None else lse_i, lse, lse_i, g, dqi, dw, dki)
+            args = (qq, kk, qi, ki, w, qlo, kend, lse, lse_i, g, dqi, dw, dki)
             grid_q = (triton.cdiv(t, meta["BLOCK_T"]), batch)
             _dense_kl_backward[grid_q](*args, *ctx.sizes, KEY_MAJOR=False, **meta)
             grid_k = (triton.cdiv(kk.shape[1], meta["BLOCK_N"]), batch)
             _dense_kl_backward[grid_k](*args, *ctx.sizes, KEY_MAJOR=True, **meta)
-        return dqi.to(qi.dtype), dki.to(ki.dtype), dw.to(w.dtype), None, None, None, None
+        return dqi.to(qi.dtype), dki.to(ki.dtype), dw.to(w.dtype), None, None, None, None, None

@@ -31,7 +31,7 @@ def attention_target(q: torch.Tensor, k: torch.Tensor, scale: float, visible: to
     compute = torch.promote_types(q.dtype, torch.float32)
     logits = torch.einsum(
         "btgjd,bsgd->btgjs", q.to(compute).view(batch, t, hkv, hq // hkv, d), k.to(compute)
-    ).reshape(batch, t, hq, -1)
+    ).reshape(batch, t, hq, k.shape[1])
     logits = logits * scale
     logits = logits.masked_fill(~visible[:, :, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2)
