@@ -39,10 +39,11 @@ def test_chunked_matches_naive_reference(monkeypatch, stage, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparse_kernel_matches_reference(force_impl, dtype):
+@pytest.mark.parametrize("topk", [5, 16])  # 16 > t: every key, then -1 slots
+def test_sparse_kernel_matches_reference(force_impl, dtype, topk):
     force_impl("triton")
     q, k, qi, ki, w = _inputs(b=2, t=11, dtype=dtype, seed=8, device=DEVICE)
-    idx = select_topk(qi.detach().float(), ki.detach().float(), w.detach().float(), 5)
+    idx = select_topk(qi.detach().float(), ki.detach().float(), w.detach().float(), topk)
     idx[0, 3] = -1  # a query with no key: zero loss, zero gradient
     got = indexer_kl_loss(q, k, qi, ki, w, indices=idx, reduction="none")
     want = indexer_kl_reference(q, k, qi, ki, w, indices=idx, scale=16**-0.5)
@@ -104,12 +105,13 @@ def test_kl_is_zero_when_indexer_matches_target():
     assert indexer_kl_loss(q, k, qi, ki, w, reduction="none")[0, 0].abs() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
-def test_packed_matches_per_sequence(force_impl, stage):
+def test_packed_matches_per_sequence(force_impl, stage, dtype):
     """One launch over a packed row (an empty sequence, tiles that straddle sequences) equals the
     reference sequence by sequence, loss and gradients."""
     force_impl("triton")
-    q, k, qi, ki, w = _inputs(b=1, t=30, dtype=torch.float32, seed=6, device=DEVICE)
+    q, k, qi, ki, w = _inputs(b=1, t=30, dtype=dtype, seed=6, device=DEVICE)
     cu = torch.tensor([0, 5, 5, 12, 30], dtype=torch.int32, device=DEVICE)
     bounds = ((0, 5), (5, 5), (5, 12), (12, 30))
     rel = None
@@ -125,7 +127,7 @@ def test_packed_matches_per_sequence(force_impl, stage):
         want.append(part[0])
     want = torch.cat(want)
     assert got.shape == (30,) and rel_err(got, want) < 1e-5
-    _assert_grads_match(got, want, (qi, ki, w), 1e-5)
+    _assert_grads_match(got, want, (qi, ki, w), 1e-5 if dtype == torch.float32 else 1.5e-2)
 
 
 def test_clear_errors():
