@@ -10,6 +10,8 @@ from keye_dsa.hadamard import hadamard_rotate
 from keye_dsa.rope import apply_rope, rope_cos_sin, scale_sections
 from keye_dsa.testing import rel_err
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # kernel tests: CUDA there, the interpreter here
+
 
 def test_indexer_parameter_names_and_shapes():
     m = LightningIndexer(32, num_heads=4, head_dim=16, topk=8)
@@ -79,8 +81,8 @@ def _layer(topk, seed=0, **kw):
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_topk_at_least_length_equals_dense(force_impl, impl):
     force_impl(impl)
-    attn = _layer(topk=16)
-    x = torch.randn(2, 11, 48)
+    attn = _layer(topk=16).to(DEVICE)
+    x = torch.randn(2, 11, 48, device=DEVICE)
     assert rel_err(attn(x), _dense_reference(attn, x)) < 1e-5
 
 
@@ -117,11 +119,11 @@ def test_chunked_prefill_and_decode_match_full_forward(force_impl, topk):
 
 def test_left_padding_matches_unpadded_rows(force_impl):
     force_impl("triton")
-    attn = _layer(topk=3, seed=2)
-    x = torch.randn(1, 9, 48)
-    padded = torch.cat([torch.randn(1, 4, 48), x], 1)
-    mask = torch.tensor([[False] * 4 + [True] * 9])
-    pos = torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(9)])[None]
+    attn = _layer(topk=3, seed=2).to(DEVICE)
+    x = torch.randn(1, 9, 48, device=DEVICE)
+    padded = torch.cat([torch.randn(1, 4, 48, device=DEVICE), x], 1)
+    mask = torch.tensor([[False] * 4 + [True] * 9], device=DEVICE)
+    pos = torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(9)])[None].to(DEVICE)
     got = attn(padded, pos, key_padding_mask=mask)[:, 4:]
     assert rel_err(got, attn(x)) < 1e-5
     with pytest.raises(ValueError, match="left padding only"):
@@ -130,10 +132,10 @@ def test_left_padding_matches_unpadded_rows(force_impl):
 
 def test_packed_sequences_match_separate_calls(force_impl):
     force_impl("triton")
-    attn = _layer(topk=3, seed=3)
-    a, b = torch.randn(1, 6, 48), torch.randn(1, 8, 48)
-    pos = torch.cat([torch.arange(6), torch.arange(8)])[None]
-    cu = torch.tensor([0, 6, 14], dtype=torch.int32)
+    attn = _layer(topk=3, seed=3).to(DEVICE)
+    a, b = torch.randn(1, 6, 48, device=DEVICE), torch.randn(1, 8, 48, device=DEVICE)
+    pos = torch.cat([torch.arange(6), torch.arange(8)])[None].to(DEVICE)
+    cu = torch.tensor([0, 6, 14], dtype=torch.int32, device=DEVICE)
     got = attn(torch.cat([a, b], 1), pos, cu_seqlens=cu)
     assert rel_err(got, torch.cat([attn(a), attn(b)], 1)) < 1e-5
 
