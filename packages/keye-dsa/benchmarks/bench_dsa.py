@@ -356,6 +356,7 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
     filled keys. Both are timed eager and graphed, in the same run; the index-key cache both in bf16
     and in FP8 e4m3 with a per-key scale (``quantize_index_keys``).
     """
+    torch.manual_seed(0)  # the draw of sweep_decode.py: the top-k's cost depends on the gates (ties at 0)
     case = decode_case(dev, smoke, torch.bfloat16 if dev == "cuda" else torch.float32)
     b, s, topk, lengths = case.b, case.s, case.topk, case.lengths
     q, k, v, qi, ki, w, k8, k_scale = case.q, case.k, case.v, case.qi, case.ki, case.w, case.k8, case.k_scale

@@ -1,5 +1,6 @@
 """Decode sweep (one GPU call): correctness of the decode top-k and split sparse attention at the full
-decode shape, then CUDA-graph timings of their launch settings against the previous path and dense SDPA.
+decode shape, then CUDA-graph timings of their launch settings against the previous path and dense SDPA,
+and of the step with gates that do and do not tie thousands of keys at the top-k cut.
 
 Shape (issue 3): batch 8, one new token per row, a 128K cache (capacity + 256), bf16, Hq=32, Hkv=4,
 D=128, 4 index heads x 128, top-k 2048. The previous path (before 0367c6b / 0f0aec5) is rebuilt here
@@ -175,6 +176,33 @@ def correctness(qi, ki, w, k8, scale, lengths, topk, q, k, v) -> dict:
     return {"bf16": ref, "fp8": ref8}
 
 
+def gate_cases(case, dense: float, reps: int) -> None:
+    """The decode top-k's cost depends on the data: a row whose gates are all negative scores ~1/16 of its
+    keys (those with every ``q_I . k_I <= 0``) at exactly 0, its maximum, so thousands of keys tie at the
+    cut. Checks and times the step with the gates as drawn, all positive, and row 0's all negative."""
+    q, k, v, qi, ki, w, k8, scale = case.q, case.k, case.v, case.qi, case.ki, case.w, case.k8, case.k_scale
+    s, topk, lengths = case.s, case.topk, case.lengths
+    deq = dequantize_index_keys(k8, scale)[:, :s]
+    gates = {
+        "gates as drawn": w,
+        "all gates positive": w.abs(),
+        "row 0's gates all negative": torch.cat([-w[:1].abs(), w[1:].abs()]).contiguous(),
+    }
+    log(f"gate cases (rows of the drawn gates with all four negative: {int((w < 0).all(-1).sum())}):")
+    for name, ww in gates.items():
+        for kind, keys, ks, ref_keys in (("bf16", ki, None, ki[:, :s]), ("fp8", k8, scale, deq)):
+            got = select_topk_decode(qi, keys, ww, topk, lengths, k_scale=ks, validate=False)
+            bad = set_equal(got, select_topk_reference(qi, ref_keys, ww, topk))
+            check(f"{kind} decode top-k, {name} (rows differing)", bad == 0, bad)
+
+            def step(keys=keys, ks=ks, ww=ww):
+                idx = select_topk_decode(qi, keys, ww, topk, lengths, k_scale=ks, validate=False)
+                return sparse_attention(q, k, v, idx, validate_indices=False)
+
+            ms = timed(step, reps)
+            record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense / ms)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -287,6 +315,7 @@ def main() -> None:
         ms = timed(step, reps)
         record(f"DSA step, best settings, {kind} index keys", ms, vs_dense=dense / ms,
                launch=best[kind][1], bits=best[kind][2])  # fmt: skip
+    gate_cases(case, dense, reps)
     RESULTS["defaults"] = {"score": default_launch, "bits": default_bits, "split": split_default}
     if args.out:
         with open(args.out, "w") as f:
