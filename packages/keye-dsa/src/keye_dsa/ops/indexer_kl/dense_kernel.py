@@ -13,6 +13,8 @@ Backward: ``dI = g * (softmax(I) - p)`` is rebuilt per tile from the saved stati
 ``I = D_I^-0.5 sum_j w_j relu(q_I[j] . k_I)``. A query-major launch accumulates ``dq_I`` and ``dw`` per
 query block and a key-major launch ``dk_I`` per key block, each rebuilding the target: no atomics, at the
 price of one more ``q k^T`` pass (the target's ``Hq * D`` MACs a pair dominate the indexer's ``H * D_I``).
+Left padding and packed sequences come as each query's first visible key and each key's last query: they
+mask the tiles and bound the loops (a packed row is one launch, whatever its number of sequences).
 """
 
 from __future__ import annotations
