@@ -77,6 +77,21 @@ def _target_rows(t0, T, GROUP, GP: tl.constexpr, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _group_queries(Q, b, T, HQ, D, g, GROUP, rt, rj, row_ok, d):
+    """KV group ``g``'s query rows ``[BLOCK_T*GP, BLOCK_D]`` (zero on padding rows) and their flat heads."""
+    head = (b * T + rt) * HQ + g * GROUP + rj
+    q = tl.load(Q + head[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    return q, head
+
+
+@triton.jit
+def _group_keys(K, b, S, HKV, D, g, s, d):
+    """KV group ``g``'s keys ``s``, ``[BLOCK_N, BLOCK_D]`` (zero past the end)."""
+    mask = (s[:, None] < S) & (d[None, :] < D)
+    return tl.load(K + ((b * S + s[:, None]) * HKV + g) * D + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _target_probs(
     Q, K, LSE, QLO, b, t0, s, T, S, OFFSET, HQ, HKV, D, qk,
     GROUP, GP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -90,14 +105,9 @@ def _target_probs(
     vis = _visible(rt[:, None], s[None, :], lo[:, None], T, S, OFFSET) & row_ok[:, None]
     p = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
     for g in range(0, HKV):
-        head = (b * T + rt) * HQ + g * GROUP + rj
-        q = tl.load(Q + head[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        q, head = _group_queries(Q, b, T, HQ, D, g, GROUP, rt, rj, row_ok, d)
         lse = tl.load(LSE + head, mask=row_ok, other=float("inf"))
-        kt = tl.load(
-            K + ((b * S + s[:, None]) * HKV + g) * D + d[None, :],
-            mask=(s[:, None] < S) & (d[None, :] < D),
-            other=0.0,
-        )
+        kt = _group_keys(K, b, S, HKV, D, g, s, d)
         sc = mma(q, tl.trans(kt), PRECISE, UPCAST) * qk
         pr = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
         p += tl.sum(tl.reshape(pr, [BLOCK_T, GP, BLOCK_N]), 1)
@@ -168,17 +178,12 @@ def _dense_kl_forward(
     rt, rj, row_ok = _target_rows(t0, T, GROUP, GP, BLOCK_T)
     lo_rows = _query_starts(QLO, b, rt, T, HAS_BOUNDS)
     for g in range(0, HKV):
-        head = (b * T + rt) * HQ + g * GROUP + rj
-        q = tl.load(Q + head[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+        q, head = _group_queries(Q, b, T, HQ, D, g, GROUP, rt, rj, row_ok, d)
         m = tl.full([BLOCK_T * GP], -1.0e30, tl.float32)
         l = tl.zeros([BLOCK_T * GP], tl.float32)
         for s0 in range(first, end, BLOCK_N):
             s = s0 + tl.arange(0, BLOCK_N)
-            kt = tl.load(
-                K + ((b * S + s[:, None]) * HKV + g) * D + d[None, :],
-                mask=(s[:, None] < S) & (d[None, :] < D),
-                other=0.0,
-            )
+            kt = _group_keys(K, b, S, HKV, D, g, s, d)
             vis = _visible(rt[:, None], s[None, :], lo_rows[:, None], T, S, OFFSET)
             sc = tl.where(vis, mma(q, tl.trans(kt), PRECISE, UPCAST) * qk, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
