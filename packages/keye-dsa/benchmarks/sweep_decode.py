@@ -176,12 +176,21 @@ def correctness(qi, ki, w, k8, scale, lengths, topk, q, k, v) -> dict:
     return {"bf16": ref, "fp8": ref8}
 
 
+def dsa_step(case, keys, k_scale, w):
+    """One decode step of ``case`` (top-k over the index keys ``keys``, then sparse attention), to time."""
+
+    def step():
+        idx = select_topk_decode(case.qi, keys, w, case.topk, case.lengths, k_scale=k_scale, validate=False)
+        return sparse_attention(case.q, case.k, case.v, idx, validate_indices=False)
+
+    return step
+
+
 def gate_cases(case, dense: float, reps: int) -> None:
     """The decode top-k's cost depends on the data: a row whose gates are all negative scores ~1/16 of its
     keys (those with every ``q_I . k_I <= 0``) at exactly 0, its maximum, so thousands of keys tie at the
     cut. Checks and times the step with the gates as drawn, all positive, and row 0's all negative."""
-    q, k, v, qi, ki, w, k8, scale = case.q, case.k, case.v, case.qi, case.ki, case.w, case.k8, case.k_scale
-    s, topk, lengths = case.s, case.topk, case.lengths
+    qi, ki, w, k8, scale, s, topk = case.qi, case.ki, case.w, case.k8, case.k_scale, case.s, case.topk
     deq = dequantize_index_keys(k8, scale)[:, :s]
     gates = {
         "gates as drawn": w,
@@ -191,15 +200,11 @@ def gate_cases(case, dense: float, reps: int) -> None:
     log(f"gate cases (rows of the drawn gates with all four negative: {int((w < 0).all(-1).sum())}):")
     for name, ww in gates.items():
         for kind, keys, ks, ref_keys in (("bf16", ki, None, ki[:, :s]), ("fp8", k8, scale, deq)):
-            got = select_topk_decode(qi, keys, ww, topk, lengths, k_scale=ks, validate=False)
+            got = select_topk_decode(qi, keys, ww, topk, case.lengths, k_scale=ks, validate=False)
             bad = set_equal(got, select_topk_reference(qi, ref_keys, ww, topk))
             check(f"{kind} decode top-k, {name} (rows differing)", bad == 0, bad)
 
-            def step(keys=keys, ks=ks, ww=ww):
-                idx = select_topk_decode(qi, keys, ww, topk, lengths, k_scale=ks, validate=False)
-                return sparse_attention(q, k, v, idx, validate_indices=False)
-
-            ms = timed(step, reps)
+            ms = timed(dsa_step(case, keys, ks, ww), reps)
             record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense / ms)
 
 
@@ -307,12 +312,7 @@ def main() -> None:
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
         if kind not in best:
             continue
-
-        def step(keys=keys, ks=ks):
-            idx = select_topk_decode(qi, keys, w, topk, lengths, k_scale=ks, validate=False)
-            return sparse_attention(q, k, v, idx, validate_indices=False)
-
-        ms = timed(step, reps)
+        ms = timed(dsa_step(case, keys, ks, w), reps)
         record(f"DSA step, best settings, {kind} index keys", ms, vs_dense=dense / ms,
                launch=best[kind][1], bits=best[kind][2])  # fmt: skip
     gate_cases(case, dense, reps)
