@@ -41,10 +41,10 @@ from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_ste
 
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
 # Launch settings of the scoring kernel (keys per program, keys per step, warps, pipeline stages): the
-# fastest of the H200 sweep at d4434fb (BENCHMARKS.md), where the loop was not yet pipelined; the stages
-# are new since and not measured. FP8 keys take twice the keys per step for the same bytes.
+# fastest of the H200 runs (BENCHMARKS.md): bf16 keys from the sweep at d4434fb; FP8 keys from the A/B at
+# e58ea29 (64 keys of 4 warps 71.0 us against 76.7 us for 128 of 8), before the key scales left the loop.
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
-SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 128, "num_warps": 8, "num_stages": 3}
+SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 SELECT_BLOCK = 4096  # scores split per program of the select launch
 TAIL_BLOCK = 4096  # candidates a step of the row's last program (a few thousand, or ~10K ties)
 PAIR_BLOCK = 128  # level-2 candidates ranked pairwise at once (usually a few dozen)
