@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from keye_dsa import DSACache, DSAttention, select_topk, select_topk_decode, sparse_attention
+from keye_dsa.ops.indexer_topk import decode_kernel
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
 from keye_dsa.ops.indexer_topk.reference import select_topk_reference
@@ -91,6 +92,25 @@ def test_decode_kernel_on_scores_within_one_octave(force_impl):
     lengths = torch.tensor([1500, 1203], dtype=torch.int32, device=DEVICE)
     got = _decode_kernels(q, k, w, 301, lengths)
     assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 301, lengths, None))
+
+
+@pytest.mark.parametrize("case", ["few level-2 candidates", "thousands tied at 0", "one narrow octave"])
+def test_decode_select_at_the_gpu_block_sizes(force_impl, monkeypatch, case):
+    """The select launch with the GPU's block sizes (4096-key blocks, pairwise ranking of up to 128
+    level-2 candidates), also on the interpreter: several blocks per row arrive at the row's counter,
+    and the level-2 bin takes the pairwise path, or the radix / tie-cut path when it holds more."""
+    force_impl("triton")
+    dk = decode_kernel
+    monkeypatch.setattr(dk, "INTERPRETER_BLOCKS", (dk.SELECT_BLOCK, dk.TAIL_BLOCK, dk.PAIR_BLOCK))
+    q, k, w = _cache(3, 1, 6000, 2, 16, seed=61)
+    if case == "thousands tied at 0":
+        w = -w.abs()
+    elif case == "one narrow octave":
+        k, q, w = 3.0 + 0.02 * k, q.abs() + 1.0, w.abs() + 1.0
+    lengths = torch.tensor([6000, 5000, 4100], dtype=torch.int32, device=DEVICE)
+    start = torch.tensor([0, 100, 4095], dtype=torch.int32, device=DEVICE)
+    got = _decode_kernels(q, k, w, 700, lengths, start)
+    assert torch.equal(got.sort(-1).values, _reference_sets(q, k, w, 700, lengths, start))
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])

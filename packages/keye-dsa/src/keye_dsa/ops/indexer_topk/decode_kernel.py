@@ -48,6 +48,7 @@ SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 SELECT_BLOCK = 4096  # scores split per program of the select launch
 TAIL_BLOCK = 4096  # candidates a step of the row's last program (a few thousand, or ~10K ties)
 PAIR_BLOCK = 128  # level-2 candidates ranked pairwise at once (usually a few dozen)
+INTERPRETER_BLOCKS = (16, 16, 16)  # the three above on the CPU interpreter: small tests reach every path
 
 
 @triton.jit
@@ -332,7 +333,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     if capacity >= 1 << 24 or not 8 <= BITS <= 16:
         raise ValueError(f"decode top-k needs capacity < 2**24 and 8 <= BITS <= 16; got {capacity}, {BITS}")
     gpu = scores.device.type != "cpu"
-    block, tail, pair = (SELECT_BLOCK, TAIL_BLOCK, PAIR_BLOCK) if gpu else (16, 16, 16)
+    block, tail, pair = (SELECT_BLOCK, TAIL_BLOCK, PAIR_BLOCK) if gpu else INTERPRETER_BLOCKS
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
