@@ -112,9 +112,10 @@ def _decode_scores(
 @triton.jit
 def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
     """The histogram bin holding the row's ``TOPK``-th largest score (-1 when fewer keys are visible),
-    the number of keys in higher bins, and in that bin."""
+    the number of keys in higher bins, and in that bin. Read past L1 (``.cg``): a row's last program reads
+    the level-2 histogram that other programs' atomics filled in the same launch."""
     bins = tl.arange(0, 1 << NBITS)
-    hist = tl.load(HIST + row * (1 << NBITS) + bins)
+    hist = tl.load(HIST + row * (1 << NBITS) + bins, cache_modifier=".cg")
     at_or_above = tl.cumsum(hist, 0, reverse=True)
     digit = tl.sum((at_or_above >= TOPK).to(tl.int32), 0) - 1
     n_above = tl.sum(tl.where(bins > digit, hist, 0), 0)
@@ -181,11 +182,7 @@ def _finish_row(row_scores, lo, hi, hist2, out, cs, cp, cs2, cp2, digit, n_above
             j = j0 + tl.arange(0, BLOCK)
             tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
     else:
-        bins = tl.arange(0, 256)
-        h2 = tl.load(hist2 + bins, cache_modifier=".cg")
-        at_or_above = tl.cumsum(h2, 0, reverse=True)
-        digit2 = tl.sum((at_or_above >= TOPK - n_above).to(tl.int32), 0) - 1
-        n_bin2 = tl.sum(tl.where(bins == digit2, h2, 0), 0)
+        digit2, _, n_bin2 = _threshold_bin(hist2, 0, TOPK - n_above, 8)
         taken = n_above  # output slots in use (the blocks wrote the keys above the threshold bin)
         m = 0  # level-2 candidates kept so far
         for j0 in range(0, n_bin, BLOCK):
@@ -195,9 +192,10 @@ def _finish_row(row_scores, lo, hi, hist2, out, cs, cp, cs2, cp2, digit, n_above
             bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
             gt = (j < n_bin) & (bin2 > digit2)
             eq = (j < n_bin) & (bin2 == digit2)
+            at = m + tl.cumsum(eq.to(tl.int32), 0) - 1
             tl.store(out + taken + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
-            tl.store(cs2 + m + tl.cumsum(eq.to(tl.int32), 0) - 1, x, mask=eq)
-            tl.store(cp2 + m + tl.cumsum(eq.to(tl.int32), 0) - 1, p_j, mask=eq)
+            tl.store(cs2 + at, x, mask=eq)
+            tl.store(cp2 + at, p_j, mask=eq)
             taken += tl.sum(gt.to(tl.int32), 0)
             m += tl.sum(eq.to(tl.int32), 0)
         tl.debug_barrier()  # cs2/cp2, written by all threads, are read back
