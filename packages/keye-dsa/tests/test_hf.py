@@ -80,3 +80,59 @@ def test_patch_errors():
     model = patch_model(_tiny_qwen3(), topk=8, num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model)
+
+
+def _packed(seqs):
+    """One row holding ``seqs`` back to back, with positions restarting at each (transformers' packing)."""
+    ids = torch.cat(seqs)[None]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    return ids, positions
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_packed_sequences_equal_their_separate_forwards(force_impl, impl):
+    """A packed row (no attention mask, no cache: transformers' packed training format) must give each
+    sequence exactly its own forward, with a top-k small enough that the selection matters."""
+    force_impl(impl)
+    model = patch_model(_tiny_qwen3(seed=4), topk=3, num_heads=2, head_dim=8)
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 9, 1, 7)]
+    alone = [model(s[None], use_cache=False).logits[0] for s in seqs]
+    ids, positions = _packed(seqs)
+    packed = model(ids, position_ids=positions, use_cache=False).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    # two packed rows in one batch: the rows are flattened into one packed sequence
+    rows = [_packed(seqs[:2]), _packed([seqs[3], seqs[2], seqs[1][:6]])]
+    both = model(torch.cat([r[0] for r in rows]), position_ids=torch.cat([r[1] for r in rows]),
+                 use_cache=False).logits  # fmt: skip
+    torch.testing.assert_close(both[0], torch.cat(alone[:2]), rtol=1e-5, atol=1e-5)
+    tail = model(seqs[1][None, :6], use_cache=False).logits[0]
+    torch.testing.assert_close(both[1], torch.cat([alone[3], alone[2], tail]), rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_with_restarting_positions_keeps_real_tokens(force_impl):
+    """Positions from a cumulative sum of the mask jump at the padding; the real tokens must still see
+    exactly their own sequence."""
+    force_impl("reference")
+    model = patch_model(_tiny_qwen3(seed=6), topk=3, num_heads=2, head_dim=8)
+    ids, mask = _batch()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    out = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    alone = model(ids[0:1, 3:], use_cache=False).logits
+    torch.testing.assert_close(out[0, 3:], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], model(ids[1:2], use_cache=False).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packing_that_the_mask_only_half_separates_is_refused():
+    from keye_dsa.hf import _packed_bounds
+
+    positions = torch.tensor([[0, 1, 0, 1, 0, 1]])
+    causal = torch.ones(6, 6).tril().bool()
+    assert _packed_bounds(positions, causal[None, None], 1, 6, 6) is None  # attends across: one sequence
+    blocks = causal.clone()
+    blocks[2:, :2] = False
+    blocks[4:, :4] = False
+    assert _packed_bounds(positions, blocks[None, None], 1, 6, 6).tolist() == [0, 2, 4, 6]
+    blocks[4:, 2:4] = True
+    with pytest.raises(ValueError, match="separates only some"):
+        _packed_bounds(positions, blocks[None, None], 1, 6, 6)

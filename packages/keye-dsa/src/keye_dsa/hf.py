@@ -53,6 +53,31 @@ def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+def _packed_bounds(position_ids, mask, batch: int, tq: int, tk: int) -> torch.Tensor | None:
+    """``cu_seqlens`` of the batch flattened to one row when its rows hold packed sequences (transformers'
+    packed format: positions restart at each sequence and the mask keeps each sequence to itself), else
+    None. Left padding (where positions also jump) comes out as one-token sequences of padding, which
+    changes nothing for the real tokens."""
+    if position_ids is None or mask is None or mask.dim() != 4 or tq != tk or tq < 2:
+        return None
+    position_ids = position_ids.expand(batch, tq)
+    row, before = (torch.diff(position_ids, dim=-1) != 1).nonzero(as_tuple=True)
+    if not len(row):
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    sees_previous = allowed[row if allowed.shape[0] > 1 else 0, 0, before + 1, before]
+    if bool(sees_previous.all()):
+        return None  # positions jump but attention runs across: one sequence per row
+    if bool(sees_previous.any()):
+        raise ValueError(
+            "position_ids restart inside a row, but the attention mask separates only some of those "
+            "sequences; DSA supports packed sequences (each attending to itself) or left padding"
+        )
+    starts = torch.cat([torch.arange(batch, device=row.device) * tq, row * tq + before + 1])
+    ends = torch.tensor([batch * tq], device=row.device)
+    return torch.cat([starts.sort().values, ends]).to(torch.int32)
+
+
 def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function: ``query [B,Hq,T,D]``, ``key/value [B,Hkv,S,D]`` -> ``[B,T,Hq,D]``."""
     if dropout:
@@ -60,7 +85,7 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     state = getattr(module, _STATE)
     indexer: LightningIndexer = module.sa_indexer
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    tq, tk = q.shape[1], k.shape[1]
+    (b, tq), tk = q.shape[:2], k.shape[1]
     index_cache = None
     if state.get("caching"):
         if tk == tq:
@@ -71,14 +96,29 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if rope is not None and rope[0].shape[-1] != indexer.head_dim:
         rope = None
     if rope is None and position_ids is None:
-        position_ids = torch.arange(tk - tq, tk, device=q.device).expand(q.shape[0], tq)
-    out = dsa_forward(
-        q, k, v, indexer, state["hidden_states"], scale=q.shape[-1] ** -0.5 if scaling is None else scaling,
-        position_ids=position_ids, rope=rope, index_cache=index_cache,
-        key_padding_mask=_key_padding(attention_mask), aux_losses=state["aux_losses"],
-    )  # fmt: skip
+        position_ids = torch.arange(tk - tq, tk, device=q.device).expand(b, tq)
+    hidden = state["hidden_states"]
     state["hidden_states"] = state["position_embeddings"] = None
-    return out, None
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    cu_seqlens = None if index_cache is not None else _packed_bounds(position_ids, attention_mask, b, tq, tk)
+    if cu_seqlens is None:
+        out = dsa_forward(
+            q, k, v, indexer, hidden, scale=scale, position_ids=position_ids, rope=rope,
+            index_cache=index_cache, key_padding_mask=_key_padding(attention_mask),
+            aux_losses=state["aux_losses"],
+        )  # fmt: skip
+        return out, None
+
+    def one_row(x):  # [B, T, ...] (or broadcast [1, T, ...]) -> [1, B*T, ...]
+        return x.expand(b, *x.shape[1:]).reshape(1, b * tq, *x.shape[2:])
+
+    out = dsa_forward(
+        one_row(q), one_row(k), one_row(v), indexer, one_row(hidden), scale=scale,
+        position_ids=one_row(position_ids) if position_ids is not None else None,
+        rope=tuple(one_row(r) for r in rope) if rope is not None else None,
+        cu_seqlens=cu_seqlens, aux_losses=state["aux_losses"],
+    )  # fmt: skip
+    return out.reshape(b, tq, *out.shape[2:]), None
 
 
 def patch_model(
