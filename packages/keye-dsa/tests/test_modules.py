@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from keye_dsa import DSACache, DSAttention, LightningIndexer, select_topk, set_dsa_mode, sparse_attention
 from keye_dsa.hadamard import hadamard_rotate
+from keye_dsa.modules.cache import append_rows
 from keye_dsa.rope import apply_rope, rope_cos_sin, scale_sections
 from keye_dsa.testing import rel_err
 
@@ -206,3 +207,40 @@ def test_plugin_registers_a_backend_with_the_protocol_shape(force_impl):
     assert (default.num_heads, default.index_dim, default.topk) == (4, 128, 2048)
     with pytest.raises(TypeError, match="sa_indexer"):
         backend.attention(q, k, v, inputs, None)
+
+
+def test_cache_appends_in_place_and_keeps_gradients():
+    """Decode steps write their rows into a growing buffer (no copy of the cache per token) and read back
+    exactly what concatenation gives; under autograd the new rows keep their graph."""
+    state = {}
+    rows = [torch.randn(2, n, 3) for n in (300, 1, 1, 40, 1)]
+    for i, x in enumerate(rows):
+        got = append_rows(state, "k", x)
+        assert torch.equal(got, torch.cat(rows[: i + 1], 1)) and got is state["k"]
+        if i == 1:
+            buffer = state["k_buffer"]
+    assert state["k_buffer"] is buffer and buffer.shape[1] == 556  # one growth: 300 + 256 rows
+    reserved = {}
+    append_rows(reserved, "v", rows[0], capacity=1000)
+    assert reserved["v_buffer"].shape[1] == 1000
+    leaf = torch.randn(2, 2, 3, requires_grad=True)
+    out = append_rows(state, "k", leaf * 2)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, torch.full_like(leaf, 2.0)) and torch.equal(state["k"][:, -2:], leaf * 2)
+    with pytest.raises(ValueError, match="cannot append k"):
+        append_rows(state, "k", torch.randn(3, 1, 3))
+
+
+def test_dsa_cache_capacity_reserves_every_layer_buffer(force_impl):
+    force_impl("reference")
+    attn = _layer(topk=4, seed=5).eval()
+    x = torch.randn(2, 9, 48)
+    cache = DSACache(capacity=12)
+    out = torch.cat(
+        [attn(x[:, :6], cache=cache)] + [attn(x[:, i : i + 1], cache=cache) for i in range(6, 9)], 1
+    )
+    state = cache.layer(0)
+    assert all(state[f"{n}_buffer"].shape[1] == 12 for n in ("k", "v", "k_index"))
+    assert rel_err(out, attn(x)) < 1e-5
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        DSACache(capacity=-1)

@@ -20,7 +20,8 @@ class KVCache:
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.backend_state: list[dict[str, Any]] = [{} for _ in range(num_layers)]
+        # a backend's per-layer dict, seeded with the capacity hint (DSA sizes its index-key buffer by it)
+        self.backend_state: list[dict[str, Any]] = [{"capacity": capacity} for _ in range(num_layers)]
         self.key_padding_mask: torch.Tensor | None = None  # bool [B, length]; None: no padding anywhere
         self.next_position: torch.Tensor | None = None  # long [B]
 

@@ -12,6 +12,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from keye_dsa.modules.cache import append_rows
 from keye_dsa.modules.indexer import LightningIndexer
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
@@ -114,20 +115,18 @@ def dsa_forward(
 
 def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor):
     """Appends this call's index keys to ``index_cache`` (a layer's dict: ``"k_index"``, and with
-    ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``); returns every key so far and their scales
-    (``None`` unless FP8). Without FP8 the returned keys keep this call's autograd graph."""
+    ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``, each in a growing buffer: ``append_rows``);
+    returns every key so far and their scales (``None`` unless FP8). Without FP8 the returned keys keep
+    this call's autograd graph."""
     if index_cache is None:
         return k_index, None
-    prev = index_cache.get("k_index")
+    capacity = index_cache.get("capacity", 0)
     if index_cache.get("index_dtype") != torch.float8_e4m3fn:
-        k_all = k_index if prev is None else torch.cat([prev, k_index], 1)
-        index_cache["k_index"] = k_all.detach()
-        return k_all, None
+        return append_rows(index_cache, "k_index", k_index, capacity), None
     k8, scale = quantize_index_keys(k_index.detach())
-    if prev is not None:
-        k8, scale = torch.cat([prev, k8], 1), torch.cat([index_cache["k_index_scale"], scale], 1)
-    index_cache["k_index"], index_cache["k_index_scale"] = k8, scale
-    return k8, scale
+    return append_rows(index_cache, "k_index", k8, capacity), append_rows(
+        index_cache, "k_index_scale", scale, capacity
+    )
 
 
 def _add_kl(aux_losses, q, k, q_index, k_index, weights, indices, scale, key_start, cu_seqlens):
