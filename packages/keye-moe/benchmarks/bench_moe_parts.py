@@ -7,6 +7,9 @@ bare ``F.grouped_mm`` GEMM of the same part, lists every kernel of one block for
 forward+backward) with its time, and sweeps the two forward GEMM kernels over tile configurations (the
 down projection both as the persistent TMA kernel and as the pointer-load ``grouped_gemm_kernel``).
 
+Last, it times the whole expert path per rows-per-tile choice (``BLOCK_M_SWEEP``: 128 or 256 rows, with
+their tiles), checking each output against the first.
+
 Usage: python bench_moe_parts.py [--quick] [--out parts.json]; ``--quick`` (or no GPU) runs tiny shapes
 in the Triton interpreter to check the script.
 """
@@ -44,6 +47,17 @@ SWEEP = [
     ("down", (256, 64, 8, 3), False),
 ]
 PINNED = {"gate_up": (128, 64, 8, 3), "down": (256, 64, 8, 4)}  # the 2026-11-30 winners
+# (rows per tile, gate/up tiles, down tiles): at 128 rows each weight tile is read from L2 by every row
+# block of its expert (~9.6 GB of L2 -> SM traffic per gate/up forward at this shape); 256 rows halve
+# the weight reads at the cost of more padding rows per expert (and want 16 warps for the accumulators)
+BLOCK_M_SWEEP = [
+    (128, PINNED["gate_up"], PINNED["down"]),
+    (128, (128, 64, 16, 3), (256, 64, 16, 3)),
+    (256, (64, 64, 8, 3), (128, 64, 8, 3)),
+    (256, (64, 64, 8, 4), (128, 64, 8, 4)),
+    (256, (128, 64, 16, 3), (256, 64, 16, 3)),
+    (256, (128, 32, 16, 4), (256, 32, 16, 4)),
+]
 
 
 @contextlib.contextmanager
@@ -272,7 +286,57 @@ def main() -> None:
             print(f"sweep {label:<8} {config} tma={tma!s:<5} {speed} diff {diff:.1e} {row.get('error', '')} "
                   f"{elapsed()}", flush=True)  # fmt: skip
     save()
+    block_m_sweep(report, save, xb, ids, wts, gate_up, down, k, flops, quick, t_start, args.budget_s)
     print(f"done in {time.perf_counter() - t_start:.0f}s")
+
+
+def block_m_sweep(report, save, xb, ids, wts, gate_up, down, k, flops, quick, t_start, budget_s) -> None:
+    """The whole expert path (gate/up, down, slot sum) per (rows per tile, tiles) of ``BLOCK_M_SWEEP``,
+    its output against the pinned tiles at 128 rows (the slot sums compare across plans; the padded
+    rows do not)."""
+    e = gate_up.shape[0]
+    sweep = (
+        [(16, (16, 16, 4, 1), (16, 16, 4, 1)), (32, (16, 16, 4, 1), (32, 16, 4, 1))]
+        if quick
+        else BLOCK_M_SWEEP
+    )
+
+    def experts(plan, gu_cfg, dn_cfg):
+        with setup(K.gate_up_swiglu_kernel, gu_cfg), setup(K.down_scatter_kernel, dn_cfg):
+            return TF.sum_slots(
+                TF.down_scatter(TF.gate_up_swiglu(xb, gate_up, plan, False)[0], wts, down, plan), k
+            )
+
+    rows = report["block_m_sweep"] = []
+    with torch.no_grad():
+        plans = {bm: make_plan(ids, e, bm) for bm in {row[0] for row in sweep}}
+        expected = experts(plans[sweep[0][0]], sweep[0][1], sweep[0][2])
+        for bm, gu_cfg, dn_cfg in sweep:
+            if time.perf_counter() - t_start > budget_s:
+                print("sweep budget spent; stopping")
+                break
+            plan = plans[bm]
+            row = {
+                "block_m": bm,
+                "gate_up": gu_cfg,
+                "down": dn_cfg,
+                "padded_rows": int(plan.used_blocks) * bm,
+            }
+            try:
+                row["rel_err_vs_first"] = rel(experts(plan, gu_cfg, dn_cfg), expected)
+                with setup(K.gate_up_swiglu_kernel, gu_cfg):
+                    row["gate_up_ms"] = bench(lambda plan=plan: TF.gate_up_swiglu(xb, gate_up, plan, False))
+                    act = TF.gate_up_swiglu(xb, gate_up, plan, False)[0]
+                with setup(K.down_scatter_kernel, dn_cfg):
+                    row["down_ms"] = bench(lambda plan=plan, act=act: TF.down_scatter(act, wts, down, plan))
+                row["experts_ms"] = bench(lambda plan=plan, g=gu_cfg, d=dn_cfg: experts(plan, g, d))
+                row["experts_tflops"] = flops / row["experts_ms"] / 1e9
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+            save()
+            print("block_m sweep " + " ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
+                                              for a, b in row.items()), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
