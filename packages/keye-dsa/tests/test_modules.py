@@ -215,7 +215,8 @@ def test_cache_appends_in_place_and_keeps_gradients():
     state = {}
     rows = [torch.randn(2, n, 3) for n in (300, 1, 1, 40, 1)]
     for i, x in enumerate(rows):
-        got = append_rows(state, "k", x)
+        with torch.no_grad():
+            got = append_rows(state, "k", x)
         assert torch.equal(got, torch.cat(rows[: i + 1], 1)) and got is state["k"]
         if i == 1:
             buffer = state["k_buffer"]
@@ -227,6 +228,8 @@ def test_cache_appends_in_place_and_keeps_gradients():
     out = append_rows(state, "k", leaf * 2)
     out.sum().backward()
     assert torch.equal(leaf.grad, torch.full_like(leaf, 2.0)) and torch.equal(state["k"][:, -2:], leaf * 2)
+    saved = append_rows(state, "k", torch.randn(2, 1, 3))  # grad mode: not a view later appends write
+    assert saved.data_ptr() != state["k_buffer"].data_ptr() and torch.equal(saved, state["k"])
     with pytest.raises(ValueError, match="cannot append k"):
         append_rows(state, "k", torch.randn(3, 1, 3))
 

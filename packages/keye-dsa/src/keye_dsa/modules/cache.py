@@ -10,9 +10,9 @@ def append_rows(state: dict, name: str, x: torch.Tensor, capacity: int = 0) -> t
 
     The buffer holds ``capacity`` rows, and past them grows by an eighth, so a decode step copies only
     its own rows: a concatenation copies the whole cache every token (at 128K, more bytes than DSA's
-    decode step reads). ``state[name]`` becomes a view of the filled rows, and that view is returned;
-    under autograd (``x`` requiring grad) the concatenation is returned instead, so that the gradient
-    reaches ``x``.
+    decode step reads). ``state[name]`` becomes a view of the filled rows, and that view is returned
+    when grad mode is off (decoding); with it on, the concatenation is returned instead, so that the
+    gradient reaches ``x`` and tensors saved for backward are never modified by a later append.
     """
     prev = state.get(name)
     n = 0 if prev is None else prev.shape[1]
@@ -32,7 +32,7 @@ def append_rows(state: dict, name: str, x: torch.Tensor, capacity: int = 0) -> t
         state[name + "_buffer"] = buf
     buf[:, n:end] = x.detach()
     state[name] = buf[:, :end]
-    if x.requires_grad and torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # autograd may save what we return: never a buffer later writes bump
         return x if prev is None else torch.cat([prev, x], 1)
     return state[name]
 
