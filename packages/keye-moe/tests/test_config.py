@@ -103,5 +103,44 @@ def test_hf_config_round_trip_and_released_layouts():
     assert (q5.num_experts, q5.rope_theta) == (64, 5e5)
     qwen3_vl = {**released, "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20]}}
     assert DecoderConfig.from_hf_config(qwen3_vl).mrope_interleaved
-    with pytest.raises(ValueError, match="yarn"):
+    missing = r"rope_scaling \(yarn\) is missing \['original_max_position_embeddings'\]"
+    with pytest.raises(ValueError, match=missing):
         DecoderConfig.from_hf_config({**released, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_scaled_rope_configs_read_write_and_refuse_by_name():
+    released = {"hidden_size": 2048, "num_attention_heads": 32, "head_dim": 128, "rope_theta": 1e6,
+                "max_position_embeddings": 131072}  # fmt: skip
+    # Qwen3's published long-context recipe: YaRN x4 over the 32K pretraining context
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    q = DecoderConfig.from_hf_config({**released, "rope_scaling": yarn})
+    assert q.rope_scaling == yarn and q.rope_theta == 1e6
+    hf = q.to_hf_config()
+    assert hf["rope_scaling"] == yarn and hf["rope_parameters"] == {**yarn, "rope_theta": 1e6}
+    assert DecoderConfig.from_hf_config(hf) == q
+    # transformers v5 form, with M-RoPE and the old "type" key; yarn's factor defaults to max / original
+    v5_rope = {"type": "yarn", "rope_theta": 5e5, "original_max_position_embeddings": 32768,
+               "mrope_section": [16, 24, 24], "beta_fast": 16}  # fmt: skip
+    v5 = {**released, "rope_parameters": v5_rope}
+    k = DecoderConfig.from_hf_config(v5)
+    assert k.rope_scaling == {"rope_type": "yarn", "beta_fast": 16, "factor": 4.0,
+                              "original_max_position_embeddings": 32768}  # fmt: skip
+    assert k.mrope_section == [16, 24, 24] and DecoderConfig.from_hf_config(k.to_hf_config()) == k
+    linear = DecoderConfig(rope_scaling={"type": "linear", "factor": 2})
+    assert linear.rope_scaling == {"rope_type": "linear", "factor": 2}
+    for scaling, message in [
+        ({"rope_type": "dynamic", "factor": 2.0}, "rope_type must be one of"),
+        ({"rope_type": "linear"}, r"missing \['factor'\]"),
+        ({"rope_type": "linear", "factor": 2.0, "beta_fast": 3}, r"unknown keys \['beta_fast'\]"),
+        ({"rope_type": "linear", "factor": -1.0}, r"rope_scaling\['factor'\] must be a positive number"),
+        ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "truncate": 1}, "bool"),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+          "original_max_position_embeddings": 8}, "high_freq_factor > low_freq_factor"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            DecoderConfig(rope_scaling=scaling)
+    with pytest.raises(ValueError, match="'longrope' is not supported"):
+        DecoderConfig.from_hf_config({**released, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        partial = {"rope_type": "default", "partial_rotary_factor": 0.5}
+        DecoderConfig.from_hf_config({**released, "rope_parameters": partial})

@@ -58,3 +58,40 @@ def test_dsa_checkpoint_round_trip_and_fresh_indexers(tmp_path):
     fresh = KeyeMoeForCausalLM.from_pretrained(tmp_path / "dense")
     assert fresh.attn_implementation == "dsa"
     torch.testing.assert_close(fresh(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_model_equals_transformers_patched_with_dsa(tmp_path):
+    """Under YaRN the indexer rotates by the decoder's scaled cos/sin, as keye-dsa's Hugging Face drop-in
+    does: a patched transformers Qwen3-MoE and keye-moe's dsa backend give the same logits with a top-k
+    small enough that the selection matters."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from keye_dsa import patch_model
+
+    torch.manual_seed(0)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        max_position_embeddings=32, rope_parameters={**yarn, "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )  # fmt: skip
+    hf = patch_model(transformers.Qwen3MoeForCausalLM(cfg).eval(), topk=5, num_heads=2, head_dim=16)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sa_config"] = {"indexer_num_heads": 2, "indexer_head_dim": 16, "topk": 5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = KeyeMoeForCausalLM.from_pretrained(tmp_path)
+    assert model.attn_implementation == "dsa" and model.config.rope_scaling == yarn
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:, :12]
+    cached = model.generate(prompt, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, eos_token_id=[], use_cache=False))
+    with pytest.raises(ValueError, match="indexer_head_dim"):
+        KeyeMoeForCausalLM(model.config.replace(sa_config={**config["sa_config"], "indexer_head_dim": 8}))

@@ -86,3 +86,37 @@ def test_saved_keye_checkpoint_loads_back_into_transformers(hf_checkpoint, tmp_p
     again = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ids = torch.randint(0, 128, (1, 7))
     assert rel(again(input_ids=ids).logits, hf(input_ids=ids).logits) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 2.0,
+         "original_max_position_embeddings": 8},
+    ],
+    ids=lambda s: s["rope_type"],
+)  # fmt: skip
+def test_scaled_rope_checkpoint_matches_transformers(scaling, tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        max_position_embeddings=32, rope_parameters={**scaling, "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )  # fmt: skip
+    hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    hf.save_pretrained(tmp_path)
+    model = KeyeMoeForCausalLM.from_pretrained(tmp_path)
+    assert model.config.rope_scaling == scaling
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert rel(model(ids).logits, hf(input_ids=ids).logits) < 1e-5
+    model.save_pretrained(tmp_path / "again")
+    again = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="eager")
+    assert again.config.rope_parameters["rope_type"] == scaling["rope_type"]
+    assert rel(again.eval()(input_ids=ids).logits, hf(input_ids=ids).logits) < 1e-6

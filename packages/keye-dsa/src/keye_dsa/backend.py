@@ -3,7 +3,12 @@
 The decoder owns the projections, q/k norms and RoPE, mounts ``make_layer_module(i)`` under
 ``self_attn.sa_indexer`` and calls ``attention(q, k, v, inputs, layer_module)``; ``inputs`` is read by
 attribute (``hidden_states``, ``position_ids``, ``scale``, ``cu_seqlens``, ``key_padding_mask``,
-``cache``, ``aux_losses``).
+``cache``, ``aux_losses``, ``rotary``).
+
+When the decoder scales its RoPE for long context (``rope_scaling``: linear, llama3, yarn), the indexer
+rotates by the decoder's own scaled cos/sin (``inputs.rotary``), as DeepSeek-V3.2's indexer shares the
+model's YaRN rotary and as ``patch_model`` does with a Hugging Face model's; unscaled, it computes its own
+RoPE from ``rope_theta`` and the sections (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ class DSABackend:
         section = getattr(config, "mrope_section", None)
         self.mrope_section = list(section) if section else None
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self.scaled_rope = bool(getattr(config, "rope_scaling", None))
+        if self.scaled_rope and self.index_dim != self.head_dim:
+            raise ValueError(
+                f"the dsa backend shares the decoder's scaled RoPE (rope_scaling) with the indexer, so "
+                f"sa_config indexer_head_dim ({self.index_dim}) must equal head_dim ({self.head_dim})"
+            )
 
     def make_layer_module(self, layer_idx: int) -> LightningIndexer:
         return LightningIndexer(
@@ -62,6 +73,7 @@ class DSABackend:
             position_ids = position_ids[0]  # M-RoPE positions on a text-only config: temporal row
         return dsa_forward(
             q, k, v, layer_module, inputs.hidden_states, scale=inputs.scale, position_ids=position_ids,
-            index_cache=inputs.cache, cu_seqlens=inputs.cu_seqlens, key_padding_mask=inputs.key_padding_mask,
+            rope=getattr(inputs, "rotary", None) if self.scaled_rope else None, index_cache=inputs.cache,
+            cu_seqlens=inputs.cu_seqlens, key_padding_mask=inputs.key_padding_mask,
             aux_losses=inputs.aux_losses,
         )  # fmt: skip

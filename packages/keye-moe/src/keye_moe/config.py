@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from keye_moe.layers.rope import ROPE_SCALING_KEYS
+
 SA_CONFIG_DEFAULTS = {"indexer_num_heads": 4, "indexer_head_dim": 128, "topk": 2048}
 
 
@@ -33,6 +35,7 @@ class DecoderConfig:
     rope_theta: float = 1_000_000.0
     mrope_section: list[int] | None = None  # [t, h, w] frequency counts summing to head_dim // 2
     mrope_interleaved: bool = False  # Qwen3-VL interleaving; False is the Qwen2-VL / Keye-VL-1.5 layout
+    rope_scaling: dict[str, Any] | None = None  # context extension: {"rope_type": linear|llama3|yarn, ...}
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     num_experts: int = 128
@@ -58,6 +61,8 @@ class DecoderConfig:
             self.mrope_section = [int(s) for s in self.mrope_section]
         if self.sa_config is not None:
             self.sa_config = {**SA_CONFIG_DEFAULTS, **dict(self.sa_config)}
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -173,14 +178,15 @@ class DecoderConfig:
     def from_hf_config(cls, hf: dict[str, Any]) -> DecoderConfig:
         """Read a Hugging Face / Keye-VL ``config.json`` dict (text fields flat, or under ``text_config``).
 
-        Unknown keys (vision settings, token ids of the VLM, ...) are ignored; only default and M-RoPE
-        rotary embeddings are supported, and any other ``rope_type`` is refused by name.
+        Unknown keys (vision settings, token ids of the VLM, ...) are ignored. RoPE may be default or
+        M-RoPE, either scaled by ``linear``, ``llama3`` or ``yarn`` (``rope_scaling``); any other
+        ``rope_type`` (dynamic, longrope, ...) is refused by name.
         """
         if not isinstance(hf, dict):
             raise TypeError(f"from_hf_config expects the parsed config.json dict; got {type(hf).__name__}")
         src = dict(hf.get("text_config") or hf)
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in src.items() if k in names}
+        kwargs = {k: v for k, v in src.items() if k in names and k != "rope_scaling"}  # read below
         if "num_local_experts" in src and "num_experts" not in src:
             kwargs["num_experts"] = src["num_local_experts"]
         if kwargs.get("head_dim") is None and "hidden_size" in src and "num_attention_heads" in src:
@@ -189,10 +195,22 @@ class DecoderConfig:
         if "rope_theta" in rope and "rope_theta" not in src:
             kwargs["rope_theta"] = rope["rope_theta"]
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "mrope", None):
+        if rope_type not in ("default", "mrope", None, *ROPE_SCALING_KEYS):
             raise ValueError(
-                f"config.json rope_type {rope_type!r} is not supported (only default RoPE / M-RoPE)"
+                f"config.json rope_type {rope_type!r} is not supported (default RoPE / M-RoPE, or "
+                f"scaled by one of {sorted(ROPE_SCALING_KEYS)})"
             )
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError(
+                f"config.json partial_rotary_factor {rope['partial_rotary_factor']} is not supported "
+                "(RoPE rotates the whole head_dim)"
+            )
+        if rope_type in ROPE_SCALING_KEYS:
+            required, optional = ROPE_SCALING_KEYS[rope_type]
+            kwargs["rope_scaling"] = {
+                "rope_type": rope_type,
+                **{k: rope[k] for k in sorted(required | optional) if rope.get(k) is not None},
+            }
         if rope.get("mrope_section") is not None:
             kwargs["mrope_section"] = list(rope["mrope_section"])
             kwargs["mrope_interleaved"] = bool(rope.get("mrope_interleaved", False))
@@ -210,7 +228,8 @@ class DecoderConfig:
             "architectures": ["Qwen3MoeForCausalLM"],
             "model_type": "qwen3_moe",
         }
-        skip = {"mrope_section", "mrope_interleaved", "attn_implementation", "expert_implementation"}
+        rope_fields = {"mrope_section", "mrope_interleaved", "rope_scaling"}  # written under rope_parameters
+        skip = rope_fields | {"attn_implementation", "expert_implementation"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
@@ -220,13 +239,51 @@ class DecoderConfig:
             out.pop("expert_bias")
             out.pop("expert_bias_update_rate")
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        rope.update(copy.deepcopy(self.rope_scaling or {}))
         if self.mrope_section is not None:
             rope["mrope_section"] = list(self.mrope_section)
             if self.mrope_interleaved:
                 rope["mrope_interleaved"] = True
+        if self.mrope_section is not None or self.rope_scaling is not None:
             out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
         out["rope_parameters"] = rope
         return out
+
+
+def _normalize_rope_scaling(scaling: dict[str, Any], max_position_embeddings: int) -> dict[str, Any]:
+    """A checked copy of ``rope_scaling``: a known ``rope_type`` (``type`` accepted), its required keys,
+    no unknown ones, positive numbers (yarn's missing ``factor`` is max / original positions, as in
+    transformers)."""
+    if not isinstance(scaling, dict):
+        raise ValueError(f"DecoderConfig.rope_scaling must be a dict or None; got {scaling!r}")
+    out = dict(scaling)
+    kind = out.pop("rope_type", out.pop("type", None))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(
+            f"DecoderConfig.rope_scaling rope_type must be one of {sorted(ROPE_SCALING_KEYS)}; got {kind!r}"
+        )
+    required, optional = ROPE_SCALING_KEYS[kind]
+    if kind == "yarn" and out.get("factor") is None and "original_max_position_embeddings" in out:
+        out["factor"] = max_position_embeddings / out["original_max_position_embeddings"]
+    out = {k: v for k, v in out.items() if v is not None}
+    missing, unknown = required - set(out), set(out) - required - optional
+    if missing or unknown:
+        raise ValueError(
+            f"DecoderConfig.rope_scaling ({kind}) is missing {sorted(missing)} / has unknown keys "
+            f"{sorted(unknown)}; it takes {sorted(required)} and optionally {sorted(optional)}"
+        )
+    for key, value in out.items():
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"DecoderConfig.rope_scaling['truncate'] must be a bool; got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"DecoderConfig.rope_scaling[{key!r}] must be a positive number; got {value!r}")
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(
+            "DecoderConfig.rope_scaling (llama3) needs high_freq_factor > low_freq_factor; got "
+            f"{out['high_freq_factor']} and {out['low_freq_factor']}"
+        )
+    return {"rope_type": kind, **out}
 
 
 _QWEN3_30B_A3B: dict[str, Any] = {

@@ -39,6 +39,8 @@ class AttentionInputs:
     key_padding_mask: torch.Tensor | None = None  # bool [B, Tk]; False marks left padding
     cache: dict[str, Any] | None = None  # the backend's own per-layer decode state; None: no cache
     aux_losses: dict[str, torch.Tensor] | None = None  # a backend adds training losses here
+    # the decoder's (cos, sin) [B, Tq, head_dim] for the query tokens, scaled RoPE (rope_scaling) included
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @runtime_checkable

@@ -94,7 +94,11 @@ class KeyeMoeModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
-            config.head_dim, config.rope_theta, config.mrope_section, config.mrope_interleaved
+            config.head_dim,
+            config.rope_theta,
+            config.mrope_section,
+            config.mrope_interleaved,
+            config.rope_scaling,
         )
 
 

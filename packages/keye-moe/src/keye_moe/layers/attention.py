@@ -78,6 +78,7 @@ class Attention(nn.Module):
             key_padding_mask=ctx.key_padding_mask,
             cache=ctx.cache.backend_state[self.layer_idx] if ctx.cache is not None else None,
             aux_losses=ctx.aux_losses,
+            rotary=(ctx.cos, ctx.sin),
         )
         layer_module = getattr(self, self.backend_module_name) if self.backend_module_name else None
         out = self.backend.attention(q, k, v, inputs, layer_module)
