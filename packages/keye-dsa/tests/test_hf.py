@@ -80,6 +80,11 @@ def test_patch_errors():
     model = patch_model(_tiny_qwen3(), topk=8, num_heads=2, head_dim=8)
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model)
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 64}
+    scaled = _tiny_qwen3()
+    scaled.config.rope_parameters = yarn
+    with pytest.raises(ValueError, match=r"scales its RoPE \('yarn'\).*head_dim \(16\) must equal.*\(8\)"):
+        patch_model(scaled, topk=8, num_heads=2, head_dim=16)
 
 
 def _packed(seqs):

@@ -142,11 +142,18 @@ def patch_model(
     if hasattr(layers[0], _STATE):
         raise ValueError("patch_model: this model is already patched")
     config = model.config
+    rope_params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = rope_params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+    model_head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rope_type not in ("default", "mrope") and head_dim != model_head_dim:
+        raise ValueError(
+            f"patch_model: the model scales its RoPE ({rope_type!r}) and the indexer rotates by the model's "
+            f"own cos/sin, so head_dim ({head_dim}) must equal the model's head_dim ({model_head_dim})"
+        )
     _register()
     aux: dict = {}
     for attn in layers:
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        theta = rope_params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         weight = attn.q_proj.weight
         attn.sa_indexer = LightningIndexer(
             config.hidden_size, num_heads, head_dim, topk, rope_theta=theta,
