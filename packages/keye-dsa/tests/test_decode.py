@@ -96,12 +96,12 @@ def test_decode_kernel_on_scores_within_one_octave(force_impl):
 
 @pytest.mark.parametrize("case", ["few level-2 candidates", "thousands tied at 0", "one narrow octave"])
 def test_decode_select_at_the_gpu_block_sizes(force_impl, monkeypatch, case):
-    """The select launch with the GPU's block sizes (4096-key blocks, pairwise ranking of up to 128
-    level-2 candidates), also on the interpreter: several blocks per row arrive at the row's counter,
-    and the level-2 bin takes the pairwise path, or the radix / tie-cut path when it holds more."""
+    """The select launches with the GPU's block sizes (4096 scores or candidates per program), also on the
+    interpreter: several programs per row append to its buffers, and the one-program select takes the
+    radix path, the one-value path or the tie cut-off."""
     force_impl("triton")
     dk = decode_kernel
-    monkeypatch.setattr(dk, "INTERPRETER_BLOCKS", (dk.SELECT_BLOCK, dk.TAIL_BLOCK, dk.PAIR_BLOCK))
+    monkeypatch.setattr(dk, "INTERPRETER_BLOCKS", (dk.COMPACT_BLOCK, dk.REFINE_BLOCK, dk.SELECT_BLOCK))
     q, k, w = _cache(3, 1, 6000, 2, 16, seed=61)
     if case == "thousands tied at 0":
         w = -w.abs()

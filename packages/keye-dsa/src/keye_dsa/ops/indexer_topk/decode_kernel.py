@@ -1,27 +1,27 @@
 """Triton top-k for decoding: a few query rows against a long, preallocated index-key cache.
 
 A decode step has a handful of rows (batch 8, one new token each) and ~128K keys per row, so the work is
-streaming the index keys once; what costs beyond that is launches and serial scans. Two launches find
+streaming the index keys once; what costs beyond that is launches and serial scans. Four launches find
 the exact threshold in two histogram levels of the scores' order-preserving uint32 images:
 
 1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
    MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
    level-1 histogram (atomics). FP8 (e4m3) keys are widened to the query dtype on load and the score is
    multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)`` for ``s > 0``).
-2. ``_decode_select``: every program reads the finished level-1 histogram, finds the bin holding the
+2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
-   that bin to a candidate buffer and histograms their next 8 bits (level 2). The row's last program to
-   finish (an arrival counter) then does the rest alone: the same split of the candidates by the level-2
-   histogram, and the exact top of the level-2 bin: a pairwise ranking when it holds at most
-   ``PAIR_BLOCK`` (the usual few dozen), else 8-bit radix passes (skipped when they all hold one value)
-   and a position cut-off for ties (the reference's rule: lowest positions). The candidates are
-   unordered, so when ties straddle the cut it scans the row's scores in position order up to the cut:
-   thousands of ties are common (a row whose gates are all negative scores ~1/16 of its keys at exactly
-   0, its maximum).
+   that bin to a candidate buffer and histograms their next 8 bits (level 2).
+3. ``_decode_refine``: the same split of the candidates by the level-2 histogram: higher bins to the
+   output, the threshold's bin to a second, small candidate buffer.
+4. ``_decode_select``: one program per row finds the exact threshold among those (8-bit radix passes,
+   skipped when they all hold one value) and writes the keys above it and, among those equal to it, the
+   lowest positions (the reference's tie rule). The candidates are unordered, so when ties straddle the
+   cut it scans the row's scores in position order up to the cut: thousands of ties are common (a row
+   whose gates are all negative scores ~1/16 of its keys at exactly 0, its maximum).
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
-programs; only a row's tail is one program, over the few thousand keys of one level-1 bin.
+programs; only the last launch is one program per row, over the few keys of one level-2 bin.
 
 Why histograms once per program: ``tl.histogram`` merges its warps' counts with shared-memory atomics
 (``num_warps * bins`` per call), which per 64-key step cost 1.27 ms a decode step on the H200 at 2048
@@ -42,12 +42,13 @@ from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_ste
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
 # Launch settings of the scoring kernel (keys per program, keys per step, warps, pipeline stages): the
 # fastest of the H200 runs (BENCHMARKS.md): bf16 keys from the sweep at d4434fb; FP8 keys from the A/B at
-# e58ea29 (64 keys of 4 warps 71.0 us against 76.7 us for 128 of 8), before the key scales left the loop.
+# e58ea29 (64 keys of 4 warps 71.0 us against 76.7 us for 128 of 8), confirmed after the key scales left
+# the loop (68.8-69.0 us against 72.3 us, 2026-12-07).
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
-SELECT_BLOCK = 4096  # scores split per program of the select launch
-TAIL_BLOCK = 4096  # candidates a step of the row's last program (a few thousand, or ~10K ties)
-PAIR_BLOCK = 128  # level-2 candidates ranked pairwise at once (usually a few dozen)
+COMPACT_BLOCK = 4096  # scores scanned per compaction program
+REFINE_BLOCK = 4096  # level-1 candidates per refining program
+SELECT_BLOCK = 4096  # level-2 candidates per step of the one-program select (a few dozen, or ~10K ties)
 INTERPRETER_BLOCKS = (16, 16, 16)  # the three above on the CPU interpreter: small tests reach every path
 
 
@@ -112,10 +113,9 @@ def _decode_scores(
 @triton.jit
 def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
     """The histogram bin holding the row's ``TOPK``-th largest score (-1 when fewer keys are visible),
-    the number of keys in higher bins, and in that bin. Read past L1 (``.cg``): a row's last program reads
-    the level-2 histogram that other programs' atomics filled in the same launch."""
+    the number of keys in higher bins, and in that bin."""
     bins = tl.arange(0, 1 << NBITS)
-    hist = tl.load(HIST + row * (1 << NBITS) + bins, cache_modifier=".cg")
+    hist = tl.load(HIST + row * (1 << NBITS) + bins)
     at_or_above = tl.cumsum(hist, 0, reverse=True)
     digit = tl.sum((at_or_above >= TOPK).to(tl.int32), 0) - 1
     n_above = tl.sum(tl.where(bins > digit, hist, 0), 0)
@@ -136,120 +136,100 @@ def _append(counter, keep, dst, value, dst2, value2, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _decode_select(
-    S, LEN, START, HIST, HIST2, COUNT, OUT, CS, CP, CS2, CP2, ssr, sor, scr, T, TOPK,
-    NBITS: tl.constexpr, BLOCK: tl.constexpr, TAIL_BLOCK: tl.constexpr, PAIR_BLOCK: tl.constexpr,
-    HAS_START: tl.constexpr,
+def _decode_compact(
+    S, LEN, START, HIST, HIST2, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]`` (slots from ``COUNT [rows, 4]``: output, candidates, -,
-    arrivals). The row's last program to arrive then finishes the row alone (``_finish_row``): one launch
-    instead of a launch per stage, each of which cost a few microseconds of drain and start."""
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 3]`` (output, level 1, level 2)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
-    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+    digit, _, _ = _threshold_bin(HIST, row, TOPK, NBITS)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = (s >= lo) & (s <= hi)
     x = tl.load(S + row * ssr + s, mask=ok, other=0.0)
     key = _ordered_key(x)
     bin_ = (key >> (32 - NBITS)).to(tl.int32)
+    above = ok & (bin_ > digit)
     cand = ok & (bin_ == digit)
-    _append(COUNT + row * 4, ok & (bin_ > digit), OUT + row * sor, s, OUT, s, False)
-    _append(COUNT + row * 4 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
+    _append(COUNT + row * 3, above, OUT + row * sor, s, OUT, s, False)
+    _append(COUNT + row * 3 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
     if tl.sum(cand.to(tl.int32), 0) > 0:
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
         tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
-    # Every thread's stores and atomics precede the arrival, which releases them to the last arriver.
-    tl.debug_barrier()
-    if tl.atomic_add(COUNT + row * 4 + 3, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-        _finish_row(S + row * ssr, lo, hi, HIST2 + row * 256, OUT + row * sor, CS + row * scr,
-                    CP + row * scr, CS2 + row * scr, CP2 + row * scr, digit, n_above, n_bin, TOPK,
-                    NBITS, TAIL_BLOCK, PAIR_BLOCK)  # fmt: skip
 
 
 @triton.jit
-def _finish_row(row_scores, lo, hi, hist2, out, cs, cp, cs2, cp2, digit, n_above, n_bin, TOPK,
-                NBITS: tl.constexpr, BLOCK: tl.constexpr, PAIR_BLOCK: tl.constexpr):  # fmt: skip
-    """The rest of one row, by one program once every block has appended: the level-1 candidates of
-    level-2 bins above the threshold's go to the output, those of its bin to ``cs2``/``cp2``, and the
-    exact top of these is taken (or the -1 padding written when the row sees fewer than ``TOPK`` keys).
-    The buffers written by other programs are read past L1 (``.cg``)."""
+def _decode_refine(
+    HIST, HIST2, COUNT, OUT, CS, CP, CS2, CP2, sor, scr, TOPK, NBITS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Block ``program_id(1)`` of row ``program_id(0)``'s level-1 candidates: keys of level-2 bins above
+    the threshold's go to the output, those of its bin to ``CS2``/``CP2`` (slots from ``COUNT``)."""
+    row = tl.program_id(0).to(tl.int64)
+    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+    j0 = tl.program_id(1) * BLOCK
+    if (digit >= 0) & (j0 < n_bin):
+        digit2, _, _ = _threshold_bin(HIST2, row, TOPK - n_above, 8)
+        j = j0 + tl.arange(0, BLOCK)
+        x = tl.load(CS + row * scr + j, mask=j < n_bin, other=0.0)
+        p_j = tl.load(CP + row * scr + j, mask=j < n_bin, other=0)
+        bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
+        gt = (j < n_bin) & (bin2 > digit2)
+        eq = (j < n_bin) & (bin2 == digit2)
+        _append(COUNT + row * 3, gt, OUT + row * sor, p_j, OUT, p_j, False)
+        _append(COUNT + row * 3 + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
+
+
+@triton.jit
+def _decode_select(
+    S, LEN, START, HIST, HIST2, OUT, CS2, CP2, ssr, sor, scr, T, TOPK,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
+):  # fmt: skip
+    """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
+    the -1 padding when the row sees fewer than ``TOPK`` keys)."""
+    row = tl.program_id(0)
+    lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
+    row = row.to(tl.int64)
+    digit, n_above, _ = _threshold_bin(HIST, row, TOPK, NBITS)
+    out = OUT + row * sor
     if digit < 0:  # every visible key is written: pad
         n = tl.maximum(hi - lo + 1, 0)
         for j0 in range(n, TOPK, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
     else:
-        digit2, _, n_bin2 = _threshold_bin(hist2, 0, TOPK - n_above, 8)
-        taken = n_above  # output slots in use (the blocks wrote the keys above the threshold bin)
-        m = 0  # level-2 candidates kept so far
-        for j0 in range(0, n_bin, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            x = tl.load(cs + j, mask=j < n_bin, other=0.0, cache_modifier=".cg")
-            p_j = tl.load(cp + j, mask=j < n_bin, other=0, cache_modifier=".cg")
-            bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
-            gt = (j < n_bin) & (bin2 > digit2)
-            eq = (j < n_bin) & (bin2 == digit2)
-            at = m + tl.cumsum(eq.to(tl.int32), 0) - 1
-            tl.store(out + taken + tl.cumsum(gt.to(tl.int32), 0) - 1, p_j, mask=gt)
-            tl.store(cs2 + at, x, mask=eq)
-            tl.store(cp2 + at, p_j, mask=eq)
-            taken += tl.sum(gt.to(tl.int32), 0)
-            m += tl.sum(eq.to(tl.int32), 0)
-        tl.debug_barrier()  # cs2/cp2, written by all threads, are read back
-        if n_bin2 <= PAIR_BLOCK:
-            _take_by_rank(cs2, cp2, n_bin2, TOPK - taken, out + taken, PAIR_BLOCK)
+        digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
+        scores = CS2 + row * scr
+        pos = CP2 + row * scr
+        need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
+        low, high = _key_range(scores, n_bin2, BLOCK)
+        if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
+            prefix = tl.zeros([1], tl.uint32) + high
+            n_eq = tl.zeros([1], tl.int32) + n_bin2
         else:
-            prefix0 = (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
-            need = TOPK - taken
-            _take_exact(row_scores, lo, hi, cs2, cp2, n_bin2, prefix0, need, out + taken, NBITS, BLOCK)
-
-
-@triton.jit
-def _take_by_rank(scores, pos, n, need, out, BLOCK: tl.constexpr):
-    """Writes the ``need`` best of ``n <= BLOCK`` candidates (larger score, then lower position: the
-    reference's tie rule) by ranking every pair: one step for the few dozen a level-2 bin usually holds."""
-    i = tl.arange(0, BLOCK)
-    key = tl.where(i < n, _ordered_key(tl.load(scores + i, mask=i < n, other=0.0)), 0)
-    p = tl.load(pos + i, mask=i < n, other=2147483647)
-    beats = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (p[None, :] < p[:, None]))
-    rank = tl.sum(beats.to(tl.int32), 1)  # candidates ahead of candidate i
-    keep = (i < n) & (rank < need)
-    tl.store(out + tl.cumsum(keep.to(tl.int32), 0) - 1, p, mask=keep)
-
-
-@triton.jit
-def _take_exact(row_scores, lo, hi, scores, pos, n, prefix0, need_, out, NBITS: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
-    """Writes the ``need_`` best of ``n`` unordered candidates that share the key prefix ``prefix0``
-    (top ``NBITS + 8`` bits): the exact threshold by 8-bit radix passes (skipped when all hold one
-    value), then the keys above it and, among those equal to it, the lowest positions."""
-    need = tl.zeros([1], tl.int32) + need_  # candidates still to take
-    low, high = _key_range(scores, n, BLOCK)
-    if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
-        prefix = tl.zeros([1], tl.uint32) + high
-        n_eq = tl.zeros([1], tl.int32) + n
-    else:
-        prefix = tl.zeros([1], tl.uint32) + prefix0
-        pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
-        for p in tl.static_range(2, 4):
-            hist = _digit_histogram(scores, 0, n, prefix, pmask, p, BLOCK)
-            prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
-        # the last pass's count of the threshold's digit: the candidates equal to it
-        n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
-                                                         hist, 0), 0)  # fmt: skip
-    # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
-    cut = _tie_cutoff(row_scores, lo, hi, prefix, need, n_eq, BLOCK)
-    taken = tl.zeros([1], tl.int32)
-    for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
-        p_j = tl.load(pos + j, mask=j < n, other=0)
-        keep = (j < n) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
-        tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
-        taken += tl.sum(keep.to(tl.int32), 0)
+            # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes.
+            prefix = tl.zeros([1], tl.uint32) + (
+                (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
+            )
+            pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
+            for p in tl.static_range(2, 4):
+                hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
+                prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
+            # the last pass's count of the threshold's digit: the candidates equal to it
+            n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
+                                                             hist, 0), 0)  # fmt: skip
+        # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
+        cut = _tie_cutoff(S + row * ssr, lo, hi, prefix, need, n_eq, BLOCK)
+        taken = tl.zeros([1], tl.int32) + (n_above + n_above2)
+        for j0 in range(0, n_bin2, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
+            p_j = tl.load(pos + j, mask=j < n_bin2, other=0)
+            keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
+            tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
+            taken += tl.sum(keep.to(tl.int32), 0)
 
 
 @triton.jit
@@ -298,15 +278,15 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 
 def decode_scores(q, k, w, lengths, key_start, k_scale):
     """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only) and the zeroed scratch of the later
-    launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot and arrival
-    counters ``[B*T, 4]``."""
+    launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot counters
+    ``[B*T, 3]``."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
     launch = SCORE_LAUNCH if k_scale is None else SCORE_LAUNCH_FP8
     if q.device.type == "cpu":
         launch = dict(launch, SEG=32, BLOCK_S=16, num_warps=4)
-    sizes = (1 << BITS, 256, 4)
+    sizes = (1 << BITS, 256, 3)
     scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
     hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
     scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
@@ -325,20 +305,27 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
 
 
 def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
-    """Launch 2: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
+    """Launches 2-4: the ``[B, T, topk]`` positions from ``decode_scores``' results."""
     hist, hist2, count = scratch
     rows, capacity = scores.shape
     if capacity >= 1 << 24 or not 8 <= BITS <= 16:
         raise ValueError(f"decode top-k needs capacity < 2**24 and 8 <= BITS <= 16; got {capacity}, {BITS}")
     gpu = scores.device.type != "cpu"
-    block, tail, pair = (SELECT_BLOCK, TAIL_BLOCK, PAIR_BLOCK) if gpu else INTERPRETER_BLOCKS
+    compact, refine, select = (COMPACT_BLOCK, REFINE_BLOCK, SELECT_BLOCK) if gpu else INTERPRETER_BLOCKS
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
     start = lengths if key_start is None else key_start
-    _decode_select[(rows, triton.cdiv(capacity, block))](
-        scores, lengths, start, hist, hist2, count, out, cs, cp, cs2, cp2, scores.stride(0), topk,
-        cs.stride(0), t, topk, NBITS=BITS, BLOCK=block, TAIL_BLOCK=tail, PAIR_BLOCK=pair,
-        HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+    _decode_compact[(rows, triton.cdiv(capacity, compact))](
+        scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
+        t, topk, NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+    )  # fmt: skip
+    _decode_refine[(rows, triton.cdiv(capacity, refine))](
+        hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
+        NBITS=BITS, BLOCK=refine, num_warps=8 if gpu else 4,
+    )  # fmt: skip
+    _decode_select[(rows,)](
+        scores, lengths, start, hist, hist2, out, cs2, cp2, scores.stride(0), topk, cs.stride(0), t, topk,
+        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
     )  # fmt: skip
     return out
