@@ -7,7 +7,7 @@ import torch
 
 from keye_moe import KeyeMoeForCausalLM, attention_backends
 
-from .conftest import tiny_config
+from .conftest import scaled_rope_hf_model, tiny_config
 
 pytest.importorskip("keye_dsa")
 if "dsa" not in attention_backends():
@@ -64,24 +64,12 @@ def test_yarn_model_equals_transformers_patched_with_dsa(tmp_path):
     """Under YaRN the indexer rotates by the decoder's scaled cos/sin, as keye-dsa's Hugging Face drop-in
     does: a patched transformers Qwen3-MoE and keye-moe's dsa backend give the same logits with a top-k
     small enough that the selection matters."""
-    transformers = pytest.importorskip("transformers")
     import json
 
     from keye_dsa import patch_model
 
-    torch.manual_seed(0)
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        max_position_embeddings=32, rope_parameters={**yarn, "rope_theta": 10000.0},
-        attn_implementation="eager",
-    )  # fmt: skip
-    hf = patch_model(transformers.Qwen3MoeForCausalLM(cfg).eval(), topk=5, num_heads=2, head_dim=16)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    hf = scaled_rope_hf_model(yarn, 0.2, lambda m: patch_model(m, topk=5, num_heads=2, head_dim=16))
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["sa_config"] = {"indexer_num_heads": 2, "indexer_head_dim": 16, "topk": 5}

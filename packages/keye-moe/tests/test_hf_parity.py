@@ -8,6 +8,8 @@ import torch
 
 from keye_moe import KeyeMoeForCausalLM
 
+from .conftest import scaled_rope_hf_model
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -99,18 +101,7 @@ def test_saved_keye_checkpoint_loads_back_into_transformers(hf_checkpoint, tmp_p
     ids=lambda s: s["rope_type"],
 )  # fmt: skip
 def test_scaled_rope_checkpoint_matches_transformers(scaling, tmp_path):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        max_position_embeddings=32, rope_parameters={**scaling, "rope_theta": 10000.0},
-        attn_implementation="eager",
-    )  # fmt: skip
-    hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
+    hf = scaled_rope_hf_model(scaling, 0.15)
     hf.save_pretrained(tmp_path)
     model = KeyeMoeForCausalLM.from_pretrained(tmp_path)
     assert model.config.rope_scaling == scaling
