@@ -47,16 +47,14 @@ SWEEP = [
     ("down", (256, 64, 8, 3), False),
 ]
 PINNED = {"gate_up": (128, 64, 8, 3), "down": (256, 64, 8, 4)}  # the 2026-11-30 winners
-# (rows per tile, gate/up tiles, down tiles): at 128 rows each weight tile is read from L2 by every row
-# block of its expert (~9.6 GB of L2 -> SM traffic per gate/up forward at this shape); 256 rows halve
-# the weight reads at the cost of more padding rows per expert (and want 16 warps for the accumulators)
+# (rows per tile, gate/up tiles, down tiles). 256 rows halve the weight tiles' re-reads from L2 but were
+# slower on the H200 (2026-12-07: expert path 2.93-2.97 ms against 2.48 ms at 128 rows, BENCHMARKS.md);
+# 256 rows with 16-warp tiles do not compile (ptxas runs out of registers), so they are not listed.
 BLOCK_M_SWEEP = [
     (128, PINNED["gate_up"], PINNED["down"]),
     (128, (128, 64, 16, 3), (256, 64, 16, 3)),
     (256, (64, 64, 8, 3), (128, 64, 8, 3)),
     (256, (64, 64, 8, 4), (128, 64, 8, 4)),
-    (256, (128, 64, 16, 3), (256, 64, 16, 3)),
-    (256, (128, 32, 16, 4), (256, 32, 16, 4)),
 ]
 
 
