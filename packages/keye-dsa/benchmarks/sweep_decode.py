@@ -1,6 +1,7 @@
 """Decode sweep (one GPU call): correctness of the decode top-k and split sparse attention at the full
-decode shape, then CUDA-graph timings of their launch settings against the previous path and dense SDPA,
-and of the step with gates that do and do not tie thousands of keys at the top-k cut.
+decode shape, then CUDA-graph timings of their launch settings (scoring, the three selection launches,
+split attention) against the previous path and dense SDPA, and of the step with gates that do and do not
+tie thousands of keys at the top-k cut.
 
 Shape (issue 3): batch 8, one new token per row, a 128K cache (capacity + 256), bf16, Hq=32, Hkv=4,
 D=128, 4 index heads x 128, top-k 2048. The previous path (before 0367c6b / 0f0aec5) is rebuilt here
@@ -42,6 +43,10 @@ OUT_PATH = None
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+SCORE_KEYS = ("SEG", "BLOCK_S", "num_warps", "num_stages")  # the order of a scoring variant's tuple
+SPLIT_KEYS = ("BLOCK_N", "num_warps", "num_stages")  # of a split-attention variant's, after MIN_PROGRAMS
 
 
 def check(name: str, ok: bool, detail) -> None:
@@ -208,11 +213,61 @@ def gate_cases(case, dense: float, reps: int) -> None:
             record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense / ms)
 
 
+def select_launch_cases(case, dense: float, reps: int) -> None:
+    """The three selection launches' settings (``COMPACT_LAUNCH``, ``REFINE_LAUNCH``, ``SELECT_LAUNCH``):
+    the DSA step with FP8 keys at each, gates as drawn (a row may tie thousands of keys) and all positive,
+    index sets checked against the committed settings'; the committed settings are restored after."""
+    committed = {
+        name: dict(getattr(dk, name)) for name in ("COMPACT_LAUNCH", "REFINE_LAUNCH", "SELECT_LAUNCH")
+    }
+    select = committed["SELECT_LAUNCH"]
+    variants = {
+        "committed": {},
+        "before 2026-12-07 (4096-score blocks of 8 warps, radix select only)": {
+            "COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
+            "REFINE_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
+            "SELECT_LAUNCH": {"BLOCK": 4096, "SCAN": 4096, "PAIR": 1, "num_warps": 8},
+        },
+        "select: radix only (PAIR 1)": {"SELECT_LAUNCH": {**select, "PAIR": 1}},
+        "select: 8192-key blocks": {"SELECT_LAUNCH": {**select, "BLOCK": 8192}},
+        "select: 4096-score tie scan": {"SELECT_LAUNCH": {**select, "SCAN": 4096}},
+        "select: 8 warps": {"SELECT_LAUNCH": {**select, "num_warps": 8}},
+        "compact: 4096 x 8 warps": {"COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8}},
+        "refine: 2048 x 4 warps": {"REFINE_LAUNCH": {"BLOCK": 2048, "num_warps": 4}},
+    }  # fmt: skip
+    gates = {"gates as drawn": case.w, "all gates positive": case.w.abs()}
+    want = {g: select_topk_decode(case.qi, case.k8, w, case.topk, case.lengths, k_scale=case.k_scale,
+                                  validate=False) for g, w in gates.items()}  # fmt: skip
+    log("selection launch settings (FP8 index keys):")
+    for label, change in variants.items():
+        for name, table in committed.items():
+            getattr(dk, name).clear()
+            getattr(dk, name).update(change.get(name, table))
+        for g, w in gates.items():
+            got = select_topk_decode(case.qi, case.k8, w, case.topk, case.lengths, k_scale=case.k_scale,
+                                     validate=False)  # fmt: skip
+            bad = set_equal(got, want[g])
+            check(
+                f"fp8 decode top-k, {label}, {g} (rows differing from the committed settings')", bad == 0, bad
+            )
+            ms = timed(dsa_step(case, case.k8, case.k_scale, w), reps)
+            record(f"DSA step, {label}, {g}", ms, vs_dense=dense / ms, rows_differing=bad,
+                   launches={n: dict(getattr(dk, n)) for n in committed})  # fmt: skip
+    for name, table in committed.items():
+        getattr(dk, name).clear()
+        getattr(dk, name).update(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument(
+        "--committed-launches",
+        action="store_true",
+        help="time only the committed scoring and split-attention launches (no sweep of those)",
+    )
     args = ap.parse_args()
     global OUT_PATH
     OUT_PATH = args.out
@@ -254,6 +309,9 @@ def main() -> None:
     ]  # fmt: skip
     if args.smoke:
         variants, fp8_variants = variants[:2], fp8_variants[:2]
+    if args.committed_launches:
+        variants = [(*(dk.SCORE_LAUNCH[n] for n in SCORE_KEYS), dk.BITS)]
+        fp8_variants = [(*(dk.SCORE_LAUNCH_FP8[n] for n in SCORE_KEYS), 0)]
     best = RESULTS["best"] = {}
     for kind, keys, ks in (("bf16", ki, None), ("fp8", k8, scale)):
         table = dk.SCORE_LAUNCH if kind == "bf16" else dk.SCORE_LAUNCH_FP8
@@ -289,6 +347,8 @@ def main() -> None:
     ]  # fmt: skip
     if args.smoke:
         sparse_variants = sparse_variants[:2]
+    if args.committed_launches:
+        sparse_variants = [(sk.MIN_PROGRAMS, *(sk.SPLIT_LAUNCH[n] for n in SPLIT_KEYS))]
     for min_programs, block_n, warps, stages in sparse_variants:
         sk.MIN_PROGRAMS = min_programs
         sk.SPLIT_LAUNCH.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
@@ -315,6 +375,7 @@ def main() -> None:
         ms = timed(dsa_step(case, keys, ks, w), reps)
         record(f"DSA step, best settings, {kind} index keys", ms, vs_dense=dense / ms,
                launch=best[kind][1], bits=best[kind][2])  # fmt: skip
+    select_launch_cases(case, dense, reps)
     gate_cases(case, dense, reps)
     RESULTS["defaults"] = {"score": default_launch, "bits": default_bits, "split": split_default}
     if args.out:

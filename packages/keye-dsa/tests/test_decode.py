@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from keye_dsa import DSACache, DSAttention, select_topk, select_topk_decode, sparse_attention
+from keye_dsa.ops._triton_utils import e4m3_to_bf16
 from keye_dsa.ops.indexer_topk import decode_kernel
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
@@ -66,16 +69,19 @@ def test_decode_kernel_equals_the_reference_on_odd_shapes(force_impl, dtype, t):
     assert torch.equal(select_topk_decode(q, k, w, 37, lengths, key_start=start).sort(-1).values, want)
 
 
-@pytest.mark.parametrize("case", ["repeated keys", "distinct keys", "negative gates"])
+@pytest.mark.parametrize(
+    "case", ["30 copies of each key", "10 copies of each key", "distinct keys", "negative gates"]
+)
 def test_decode_kernel_takes_the_lowest_positions_among_tied_scores(force_impl, case):
     """Repeated keys tie exactly, and so do the zeros of a row whose gates are all negative (its top-k
     is every key scoring exactly 0): the top-k boundary falls inside a tie group, and the candidates are
-    unordered, so the kernel searches the position cut-off."""
+    unordered, so the kernel searches the position cut-off (30 ties: radix path) or ranks the few
+    candidates by score, then position (10 ties: at most the interpreter's ``PAIR`` of 16)."""
     force_impl("triton")
     q, k, w = _cache(2, 1, 150, 2, 16, seed=21)
     w = -w.abs() if case == "negative gates" else w.abs()
-    if case == "repeated keys":
-        k = k[:, torch.arange(150) % 5]
+    if "copies" in case:
+        k = k[:, torch.arange(150) % (150 // int(case.split()[0]))]
     lengths = torch.tensor([150, 133], dtype=torch.int32, device=DEVICE)
     want = _reference_sets(q, k, w, 23, lengths, None)
     assert torch.equal(_decode_kernels(q, k, w, 23, lengths).sort(-1).values, want)
@@ -101,7 +107,7 @@ def test_decode_select_at_the_gpu_block_sizes(force_impl, monkeypatch, case):
     radix path, the one-value path or the tie cut-off."""
     force_impl("triton")
     dk = decode_kernel
-    monkeypatch.setattr(dk, "INTERPRETER_BLOCKS", (dk.COMPACT_BLOCK, dk.REFINE_BLOCK, dk.SELECT_BLOCK))
+    monkeypatch.setattr(dk, "INTERPRETER_LAUNCHES", (dk.COMPACT_LAUNCH, dk.REFINE_LAUNCH, dk.SELECT_LAUNCH))
     q, k, w = _cache(3, 1, 6000, 2, 16, seed=61)
     if case == "thousands tied at 0":
         w = -w.abs()
@@ -243,3 +249,54 @@ def test_a_captured_decode_step_replays_for_new_lengths():
         graph.replay()
         want = select_topk_decode(q, ki, w, 2048, lengths)
         assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+
+
+@triton.jit
+def _widen_e4m3(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, e4m3_to_bf16(tl.load(X + i)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX needs a GPU")
+def test_e4m3_widening_is_exact_for_every_finite_code():
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    got = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+    _widen_e4m3[(1,)](codes, got, N=256)
+    want = codes.to(torch.bfloat16)
+    finite = ~want.isnan()
+    assert int(finite.sum()) == 254
+    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and inline PTX need a GPU")
+def test_a_captured_fp8_decode_step_equals_the_plain_widening(monkeypatch):
+    """The integer e4m3 widening changes no bit of a decode step: scores, index sets and the attention
+    output equal those of Triton's ``.to(bfloat16)``, eager or replayed from a CUDA graph. (The top-k's
+    slot order comes from atomics, so the sets are compared sorted and attention reads them sorted.)"""
+    cap, b, hq, hkv, d = 6000, 3, 16, 2, 64
+    q_i, ki, w = _cache(b, 1, cap, 4, 128, seed=9, dtype=torch.bfloat16)
+    k8, scale = quantize_index_keys(ki)
+    lengths = torch.tensor([5999, 3001, 4500], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(b, 1, hq, d, device=DEVICE, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, cap, hkv, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+
+    def step():
+        scores = decode_kernel.decode_scores(q_i, k8, w, lengths, None, scale)[0]
+        idx = select_topk_decode(q_i, k8, w, 2048, lengths, k_scale=scale, validate=False).sort(-1).values
+        return scores, idx, sparse_attention(q, k, v, idx, validate_indices=False)
+
+    monkeypatch.setattr(decode_kernel, "FAST_E4M3", False)
+    scores0, idx0, out0 = step()
+    monkeypatch.setattr(decode_kernel, "FAST_E4M3", True)
+    eager = step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    for scores, idx, out in (eager, captured):
+        for r, n in enumerate(lengths.tolist()):
+            assert torch.equal(scores[r, :n], scores0[r, :n])
+        assert torch.equal(idx, idx0)
+        assert torch.equal(out, out0)

@@ -6,18 +6,20 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
 
 1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
    MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
-   level-1 histogram (atomics). FP8 (e4m3) keys are widened to the query dtype on load and the score is
+   level-1 histogram (atomics). FP8 (e4m3) keys are widened to the query dtype on load (to bf16 by
+   ``e4m3_to_bf16``'s integer ops on the GPU: Triton's conversion bound the step) and the score is
    multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)`` for ``s > 0``).
 2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
    that bin to a candidate buffer and histograms their next 8 bits (level 2).
 3. ``_decode_refine``: the same split of the candidates by the level-2 histogram: higher bins to the
    output, the threshold's bin to a second, small candidate buffer.
-4. ``_decode_select``: one program per row finds the exact threshold among those (8-bit radix passes,
-   skipped when they all hold one value) and writes the keys above it and, among those equal to it, the
-   lowest positions (the reference's tie rule). The candidates are unordered, so when ties straddle the
-   cut it scans the row's scores in position order up to the cut: thousands of ties are common (a row
-   whose gates are all negative scores ~1/16 of its keys at exactly 0, its maximum).
+4. ``_decode_select``: one program per row takes the exact top of those, the lowest positions winning
+   ties (the reference's rule). Up to ``PAIR`` candidates (usually a few dozen) are ranked pairwise, by
+   score then position, and each is written at its rank. More are ties in practice (a row whose gates
+   are all negative scores ~1/16 of its keys at exactly 0, its maximum): 8-bit radix passes (skipped
+   when they all hold one value) find the threshold, and as the candidates are unordered, the row's
+   scores are scanned in position order up to the cut.
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, mma
+from keye_dsa.ops._triton_utils import dot_flags, e4m3_to_bf16, interpreting, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
@@ -46,10 +48,18 @@ BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of sco
 # the loop (68.8-69.0 us against 72.3 us, 2026-12-07).
 SCORE_LAUNCH = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
-COMPACT_BLOCK = 4096  # scores scanned per compaction program
-REFINE_BLOCK = 4096  # level-1 candidates per refining program
-SELECT_BLOCK = 4096  # level-2 candidates per step of the one-program select (a few dozen, or ~10K ties)
-INTERPRETER_BLOCKS = (16, 16, 16)  # the three above on the CPU interpreter: small tests reach every path
+# Launch settings of the three selection launches: the fastest in the H100 A/B of 2026-12-07 (BENCHMARKS.md:
+# compact 12.4 us against 13.4 for 4096 x 8 warps, refine 5.6 against 8.1). The select ranks up to PAIR
+# candidates pairwise (5.6 us against 16.4 for radix passes when no row ties) and scans SCAN scores per
+# step for a tie's cut-off (a row tying thousands of keys at 0: 25 us, as before).
+COMPACT_LAUNCH = {"BLOCK": 2048, "num_warps": 4}  # scores scanned per compaction program
+REFINE_LAUNCH = {"BLOCK": 1024, "num_warps": 4}  # level-1 candidates per refining program
+SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 8192, "PAIR": 128, "num_warps": 16}  # the one-program-per-row select
+# the three above on the CPU interpreter: small blocks, so small tests reach every path
+INTERPRETER_LAUNCHES = ({"BLOCK": 16, "num_warps": 4},) * 2 + (
+    {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "num_warps": 4},
+)
+FAST_E4M3 = True  # False: Triton's own e4m3 widening (the GPU test compares the two bit for bit)
 
 
 @triton.jit
@@ -67,7 +77,7 @@ def _decode_scores(
     T, scale, H, D,
     SEG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     NBITS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr, FAST_E4M3: tl.constexpr,
 ):  # fmt: skip
     """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
     only visible keys are written and counted in the row's level-1 histogram ``HIST [rows, 2**NBITS]``."""
@@ -94,6 +104,8 @@ def _decode_scores(
         # (no cp.async), and each program then waits out one key tile's memory latency per step.
         k_ok = (s[None, :] < end) if EVEN_D else (s[None, :] < end) & (d[:, None] < D)
         kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=k_ok, other=0.0)
+        if FAST_E4M3:
+            kt = e4m3_to_bf16(kt)
         dots = mma(q, kt.to(q.dtype), PRECISE, UPCAST)
         score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0) * scale
         tl.store(S + row * ssr + s, score, mask=(s >= lo) & (s < end))
@@ -185,7 +197,8 @@ def _decode_refine(
 @triton.jit
 def _decode_select(
     S, LEN, START, HIST, HIST2, OUT, CS2, CP2, ssr, sor, scr, T, TOPK,
-    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr, PAIR: tl.constexpr,
+    HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
     the -1 padding when the row sees fewer than ``TOPK`` keys)."""
@@ -203,33 +216,59 @@ def _decode_select(
         digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
         scores = CS2 + row * scr
         pos = CP2 + row * scr
-        need = tl.zeros([1], tl.int32) + (TOPK - n_above - n_above2)  # candidates still to take
-        low, high = _key_range(scores, n_bin2, BLOCK)
-        if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
-            prefix = tl.zeros([1], tl.uint32) + high
-            n_eq = tl.zeros([1], tl.int32) + n_bin2
+        if n_bin2 <= PAIR:  # the usual few dozen candidates
+            _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
         else:
-            # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes.
-            prefix = tl.zeros([1], tl.uint32) + (
-                (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
-            )
-            pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
-            for p in tl.static_range(2, 4):
-                hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
-                prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
-            # the last pass's count of the threshold's digit: the candidates equal to it
-            n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
-                                                             hist, 0), 0)  # fmt: skip
-        # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
-        cut = _tie_cutoff(S + row * ssr, lo, hi, prefix, need, n_eq, BLOCK)
-        taken = tl.zeros([1], tl.int32) + (n_above + n_above2)
-        for j0 in range(0, n_bin2, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
-            p_j = tl.load(pos + j, mask=j < n_bin2, other=0)
-            keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
-            tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
-            taken += tl.sum(keep.to(tl.int32), 0)
+            _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, digit, digit2, n_above + n_above2,
+                           TOPK, NBITS, BLOCK, SCAN)  # fmt: skip
+
+
+@triton.jit
+def _take_ranked(scores, pos, n, out, need, PAIR: tl.constexpr):
+    """Writes the ``need`` best of ``n <= PAIR`` candidates (higher score first, then lower position: the
+    reference's tie rule) to ``out``, each at its rank: one pairwise comparison instead of radix passes."""
+    j = tl.arange(0, PAIR)
+    ok = j < n
+    key = _ordered_key(tl.load(scores + j, mask=ok, other=0.0))
+    p_j = tl.load(pos + j, mask=ok, other=0)
+    ahead = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (p_j[None, :] < p_j[:, None]))
+    rank = tl.sum((ahead & ok[None, :]).to(tl.int32), 1)
+    tl.store(out + rank, p_j, mask=ok & (rank < need))
+
+
+@triton.jit
+def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, taken, TOPK,
+                   NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):  # fmt: skip
+    """Writes the best of the ``n_bin2`` level-2 candidates ``scores``/``pos`` from slot ``taken`` of
+    ``out`` on: the exact threshold by two 8-bit radix passes (or one min/max pass when they all tie),
+    then the ties' position cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``)."""
+    need = tl.zeros([1], tl.int32) + (TOPK - taken)  # candidates still to take
+    low, high = _key_range(scores, n_bin2, BLOCK)
+    if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
+        prefix = tl.zeros([1], tl.uint32) + high
+        n_eq = tl.zeros([1], tl.int32) + n_bin2
+    else:
+        # The candidates share the threshold's top NBITS + 8 (>= 16) key bits: two 8-bit passes.
+        prefix = tl.zeros([1], tl.uint32) + (
+            (digit.to(tl.uint32) << (32 - NBITS)) | (digit2.to(tl.uint32) << (24 - NBITS))
+        )
+        pmask = ((tl.full([1], 1, tl.uint32) << (NBITS + 8)) - 1) << (24 - NBITS)
+        for p in tl.static_range(2, 4):
+            hist = _digit_histogram(scores, 0, n_bin2, prefix, pmask, p, BLOCK)
+            prefix, pmask, need = _digit_step(hist, prefix, pmask, need, p)
+        # the last pass's count of the threshold's digit: the candidates equal to it
+        n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
+                                                         hist, 0), 0)  # fmt: skip
+    # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
+    cut = _tie_cutoff(row_scores, lo, hi, prefix, need, n_eq, SCAN)
+    taken = tl.zeros([1], tl.int32) + taken
+    for j0 in range(0, n_bin2, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
+        p_j = tl.load(pos + j, mask=j < n_bin2, other=0)
+        keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
+        tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
+        taken += tl.sum(keep.to(tl.int32), 0)
 
 
 @triton.jit
@@ -299,6 +338,7 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
         SEG=launch["SEG"], BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
         HAS_START=key_start is not None, **dot_flags(q.dtype), EVEN_D=dim == triton.next_power_of_2(dim),
+        FAST_E4M3=FAST_E4M3 and k_scale is not None and q.dtype == torch.bfloat16 and not interpreting(),
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     return scores, (hist, hist2, count)
@@ -311,21 +351,22 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     if capacity >= 1 << 24 or not 8 <= BITS <= 16:
         raise ValueError(f"decode top-k needs capacity < 2**24 and 8 <= BITS <= 16; got {capacity}, {BITS}")
     gpu = scores.device.type != "cpu"
-    compact, refine, select = (COMPACT_BLOCK, REFINE_BLOCK, SELECT_BLOCK) if gpu else INTERPRETER_BLOCKS
+    launches = (COMPACT_LAUNCH, REFINE_LAUNCH, SELECT_LAUNCH) if gpu else INTERPRETER_LAUNCHES
+    compact, refine, select = launches
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
     start = lengths if key_start is None else key_start
-    _decode_compact[(rows, triton.cdiv(capacity, compact))](
+    _decode_compact[(rows, triton.cdiv(capacity, compact["BLOCK"]))](
         scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
-        t, topk, NBITS=BITS, BLOCK=compact, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+        t, topk, NBITS=BITS, HAS_START=key_start is not None, **compact,
     )  # fmt: skip
-    _decode_refine[(rows, triton.cdiv(capacity, refine))](
+    _decode_refine[(rows, triton.cdiv(capacity, refine["BLOCK"]))](
         hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
-        NBITS=BITS, BLOCK=refine, num_warps=8 if gpu else 4,
+        NBITS=BITS, **refine,
     )  # fmt: skip
     _decode_select[(rows,)](
         scores, lengths, start, hist, hist2, out, cs2, cp2, scores.stride(0), topk, cs.stride(0), t, topk,
-        NBITS=BITS, BLOCK=select, HAS_START=key_start is not None, num_warps=8 if gpu else 4,
+        NBITS=BITS, HAS_START=key_start is not None, **select,
     )  # fmt: skip
     return out
