@@ -351,8 +351,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     if capacity >= 1 << 24 or not 8 <= BITS <= 16:
         raise ValueError(f"decode top-k needs capacity < 2**24 and 8 <= BITS <= 16; got {capacity}, {BITS}")
     gpu = scores.device.type != "cpu"
-    launches = (COMPACT_LAUNCH, REFINE_LAUNCH, SELECT_LAUNCH) if gpu else INTERPRETER_LAUNCHES
-    compact, refine, select = launches
+    compact, refine, select = (COMPACT_LAUNCH, REFINE_LAUNCH, SELECT_LAUNCH) if gpu else INTERPRETER_LAUNCHES
     cs, cs2 = torch.empty(2, rows, capacity, dtype=torch.float32, device=scores.device)
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
