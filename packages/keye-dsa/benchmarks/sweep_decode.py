@@ -240,9 +240,7 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
                                   validate=False) for g, w in gates.items()}  # fmt: skip
     log("selection launch settings (FP8 index keys):")
     for label, change in variants.items():
-        for name, table in committed.items():
-            getattr(dk, name).clear()
-            getattr(dk, name).update(change.get(name, table))
+        _set_launches({**committed, **change})
         for g, w in gates.items():
             got = select_topk_decode(case.qi, case.k8, w, case.topk, case.lengths, k_scale=case.k_scale,
                                      validate=False)  # fmt: skip
@@ -253,7 +251,13 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
             ms = timed(dsa_step(case, case.k8, case.k_scale, w), reps)
             record(f"DSA step, {label}, {g}", ms, vs_dense=dense / ms, rows_differing=bad,
                    launches={n: dict(getattr(dk, n)) for n in committed})  # fmt: skip
-    for name, table in committed.items():
+    _set_launches(committed)
+
+
+def _set_launches(tables: dict) -> None:
+    """Replaces the contents of the decode kernels' launch tables named in ``tables`` (module globals
+    that ``decode_select`` reads at each call)."""
+    for name, table in tables.items():
         getattr(dk, name).clear()
         getattr(dk, name).update(table)
 
