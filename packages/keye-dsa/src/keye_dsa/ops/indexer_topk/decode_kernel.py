@@ -19,7 +19,8 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
    score then position, and each is written at its rank. More are ties in practice (a row whose gates
    are all negative scores ~1/16 of its keys at exactly 0, its maximum): 8-bit radix passes (skipped
    when they all hold one value) find the threshold, and as the candidates are unordered, the row's
-   scores are scanned in position order up to the cut.
+   scores are scanned in position order up to the cut; when every level-1 candidate ties, the compaction
+   blocks' candidate counts locate the block holding the cut, and only that block is scanned.
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
@@ -51,7 +52,8 @@ SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 # Launch settings of the three selection launches: the fastest in the H100 A/B of 2026-12-07 (BENCHMARKS.md:
 # compact 12.4 us against 13.4 for 4096 x 8 warps, refine 5.6 against 8.1). The select ranks up to PAIR
 # candidates pairwise (5.6 us against 16.4 for radix passes when no row ties) and scans SCAN scores per
-# step for a tie's cut-off (a row tying thousands of keys at 0: 25 us, as before).
+# step for a tie's cut-off, from the compaction block holding it when the whole level-1 bin ties (a row
+# tying ~8K keys at 0: the step 123.4 us against 131.7 scanning from the row's start, fifth session).
 COMPACT_LAUNCH = {"BLOCK": 2048, "num_warps": 4}  # scores scanned per compaction program
 REFINE_LAUNCH = {"BLOCK": 1024, "num_warps": 4}  # level-1 candidates per refining program
 SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 8192, "PAIR": 128, "num_warps": 16}  # the one-program-per-row select
@@ -149,12 +151,14 @@ def _append(counter, keep, dst, value, dst2, value2, PAIR: tl.constexpr):
 
 @triton.jit
 def _decode_compact(
-    S, LEN, START, HIST, HIST2, COUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK,
+    S, LEN, START, HIST, HIST2, COUNT, BCOUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK, NBLK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 3]`` (output, level 1, level 2)."""
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 3]`` (output, level 1, level 2).
+    The block's count of candidates goes to ``BCOUNT [rows, NBLK]`` (in position order: a tie's cut-off
+    skips whole blocks by it)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
@@ -168,6 +172,7 @@ def _decode_compact(
     cand = ok & (bin_ == digit)
     _append(COUNT + row * 3, above, OUT + row * sor, s, OUT, s, False)
     _append(COUNT + row * 3 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
+    tl.store(BCOUNT + row * NBLK + tl.program_id(1), tl.sum(cand.to(tl.int32), 0))
     if tl.sum(cand.to(tl.int32), 0) > 0:
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
         tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
@@ -196,16 +201,16 @@ def _decode_refine(
 
 @triton.jit
 def _decode_select(
-    S, LEN, START, HIST, HIST2, OUT, CS2, CP2, ssr, sor, scr, T, TOPK,
+    S, LEN, START, HIST, HIST2, BCOUNT, OUT, CS2, CP2, ssr, sor, scr, T, TOPK, NBLK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr, PAIR: tl.constexpr,
-    HAS_START: tl.constexpr,
+    CBLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
     the -1 padding when the row sees fewer than ``TOPK`` keys)."""
     row = tl.program_id(0)
     lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
     row = row.to(tl.int64)
-    digit, n_above, _ = _threshold_bin(HIST, row, TOPK, NBITS)
+    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
     out = OUT + row * sor
     if digit < 0:  # every visible key is written: pad
         n = tl.maximum(hi - lo + 1, 0)
@@ -220,7 +225,7 @@ def _decode_select(
             _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
         else:
             _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, digit, digit2, n_above + n_above2,
-                           TOPK, NBITS, BLOCK, SCAN)  # fmt: skip
+                           TOPK, BCOUNT + row * NBLK, NBLK, n_bin, NBITS, BLOCK, SCAN, CBLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -237,11 +242,14 @@ def _take_ranked(scores, pos, n, out, need, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, taken, TOPK,
-                   NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr):  # fmt: skip
+def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, taken, TOPK, block_counts,
+                   nblk, n_bin, NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+                   CBLOCK: tl.constexpr):  # fmt: skip
     """Writes the best of the ``n_bin2`` level-2 candidates ``scores``/``pos`` from slot ``taken`` of
     ``out`` on: the exact threshold by two 8-bit radix passes (or one min/max pass when they all tie),
-    then the ties' position cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``)."""
+    then the ties' position cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``). When all
+    ``n_bin`` level-1 candidates tie, their per-block counts ``block_counts`` locate the
+    compaction block of ``CBLOCK`` positions holding the cut, and only that block is scanned."""
     need = tl.zeros([1], tl.int32) + (TOPK - taken)  # candidates still to take
     low, high = _key_range(scores, n_bin2, BLOCK)
     if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
@@ -260,7 +268,13 @@ def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, 
         n_eq = tl.zeros([1], tl.int32) + tl.sum(tl.where(tl.arange(0, 256) == (prefix & 255).to(tl.int32),
                                                          hist, 0), 0)  # fmt: skip
     # ``prefix`` is the exact threshold, held by ``n_eq`` candidates, ``need`` of which are taken.
-    cut = _tie_cutoff(row_scores, lo, hi, prefix, need, n_eq, SCAN)
+    start = lo
+    skipped = tl.zeros([1], tl.int32)
+    if (tl.sum(n_eq, 0) == n_bin) & (tl.sum((n_eq > need).to(tl.int32), 0) > 0):
+        first, before = _cut_block(block_counts, nblk, tl.sum(need, 0))
+        start = tl.maximum(lo, first * CBLOCK)
+        skipped += before
+    cut = _tie_cutoff(row_scores, start, hi, prefix, need - skipped, n_eq - skipped, SCAN)
     taken = tl.zeros([1], tl.int32) + taken
     for j0 in range(0, n_bin2, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
@@ -269,6 +283,27 @@ def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, 
         keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
         tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
         taken += tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _cut_block(block_counts, nblk, need, STEP: tl.constexpr = 256):
+    """First block at which the running sum of ``block_counts[:nblk]`` reaches ``need``, and the sum
+    before it."""
+    first = nblk * 0 - 1
+    skipped = nblk * 0
+    before = nblk * 0
+    b0 = nblk * 0
+    while (b0 < nblk) & (first < 0):
+        b = b0 + tl.arange(0, STEP)
+        cnt = tl.load(block_counts + b, mask=b < nblk, other=0)
+        cum = before + tl.cumsum(cnt, 0)
+        at = tl.min(tl.where((b < nblk) & (cum >= need), b, 2147483647), 0)
+        hit = at < 2147483647
+        first = tl.where(hit, at, first)
+        skipped = tl.where(hit, before + tl.sum(tl.where(b < at, cnt, 0), 0), skipped)
+        before += tl.sum(cnt, 0)
+        b0 += STEP
+    return first, skipped
 
 
 @triton.jit
@@ -356,16 +391,19 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
     cp, cp2 = torch.empty(2, rows, capacity, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows // t, t, topk, dtype=torch.int32, device=scores.device)
     start = lengths if key_start is None else key_start
-    _decode_compact[(rows, triton.cdiv(capacity, compact["BLOCK"]))](
-        scores, lengths, start, hist, hist2, count, out, cs, cp, scores.stride(0), topk, cs.stride(0),
-        t, topk, NBITS=BITS, HAS_START=key_start is not None, **compact,
+    nblk = triton.cdiv(capacity, compact["BLOCK"])
+    block_counts = torch.empty(rows, nblk, dtype=torch.int32, device=scores.device)  # every block writes
+    _decode_compact[(rows, nblk)](
+        scores, lengths, start, hist, hist2, count, block_counts, out, cs, cp, scores.stride(0), topk,
+        cs.stride(0), t, topk, nblk, NBITS=BITS, HAS_START=key_start is not None, **compact,
     )  # fmt: skip
     _decode_refine[(rows, triton.cdiv(capacity, refine["BLOCK"]))](
         hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
         NBITS=BITS, **refine,
     )  # fmt: skip
     _decode_select[(rows,)](
-        scores, lengths, start, hist, hist2, out, cs2, cp2, scores.stride(0), topk, cs.stride(0), t, topk,
-        NBITS=BITS, HAS_START=key_start is not None, **select,
+        scores, lengths, start, hist, hist2, block_counts, out, cs2, cp2, scores.stride(0), topk,
+        cs.stride(0), t, topk, nblk, NBITS=BITS, CBLOCK=compact["BLOCK"], HAS_START=key_start is not None,
+        **select,
     )  # fmt: skip
     return out
