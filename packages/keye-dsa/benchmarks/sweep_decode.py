@@ -262,6 +262,27 @@ def _set_launches(tables: dict) -> None:
         getattr(dk, name).update(table)
 
 
+def half_mma_cases(case, dense: float, reps: int) -> None:
+    """FP8 keys scored by the fp16 MMA on the scaled query (``HALF_MMA``) against the bf16 MMA on keys
+    widened to bf16: scores checked bit for bit, scoring alone and the DSA step (gates all positive)
+    timed; the committed setting is restored after."""
+    committed = dk.HALF_MMA
+    args = (case.qi, case.k8, case.w, case.lengths, None, case.k_scale)
+    log("FP8 scoring, fp16 MMA on the scaled query against the bf16 MMA:")
+    scores = {}
+    for half in (False, True):
+        dk.HALF_MMA = half
+        scores[half] = dk.decode_scores(*args)[0].clone()
+        record(f"FP8 scoring alone, HALF_MMA={half}", timed(lambda: dk.decode_scores(*args), reps))
+        ms = timed(dsa_step(case, case.k8, case.k_scale, case.w.abs()), reps)
+        record(f"DSA step, HALF_MMA={half}, all gates positive", ms, vs_dense=dense / ms)
+    same = all(
+        torch.equal(scores[True][r, :n], scores[False][r, :n]) for r, n in enumerate(case.lengths.tolist())
+    )
+    check("fp8 scores, fp16 MMA on the scaled query equal to the bf16 MMA's bit for bit", same, same)
+    dk.HALF_MMA = committed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -380,6 +401,7 @@ def main() -> None:
         record(f"DSA step, best settings, {kind} index keys", ms, vs_dense=dense / ms,
                launch=best[kind][1], bits=best[kind][2])  # fmt: skip
     select_launch_cases(case, dense, reps)
+    half_mma_cases(case, dense, reps)
     gate_cases(case, dense, reps)
     RESULTS["defaults"] = {"score": default_launch, "bits": default_bits, "split": split_default}
     if args.out:

@@ -2,11 +2,8 @@
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from keye_dsa import DSACache, DSAttention, select_topk, select_topk_decode, sparse_attention
-from keye_dsa.ops._triton_utils import e4m3_to_bf16
 from keye_dsa.ops.indexer_topk import decode_kernel
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
@@ -251,31 +248,37 @@ def test_a_captured_decode_step_replays_for_new_lengths():
         assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
 
 
-@triton.jit
-def _widen_e4m3(X, Y, N: tl.constexpr):
-    i = tl.arange(0, N)
-    tl.store(Y + i, e4m3_to_bf16(tl.load(X + i)))
+@pytest.mark.parametrize("capacity", [80, 83])  # a multiple of the interpreter's key tile, or not
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e25])
+def test_fp8_scores_of_the_scaled_fp16_mma_equal_the_bf16_mma_bit_for_bit(force_impl, monkeypatch, capacity,
+                                                                          magnitude):  # fmt: skip
+    """FP8 keys against a bf16 query score by an fp16 MMA on the query times a power of two; the scores
+    equal the bf16 MMA's on the widened keys bit for bit, for queries whose elements span 2**30 and sit
+    near bf16's smallest normals or its largest values (a wrong shift overflows or flushes them)."""
+    force_impl("triton")
+    q, k, w = _cache(2, 1, capacity, 3, 32, seed=capacity, dtype=torch.bfloat16)
+    span = 2.0 ** torch.randint(-10, 21, q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    q = (q.float() * span * magnitude).to(torch.bfloat16)
+    k8, scale = quantize_index_keys(k)
+    lengths = torch.tensor([capacity, capacity - 20], dtype=torch.int32, device=DEVICE)
+    monkeypatch.setattr(decode_kernel, "HALF_MMA", False)
+    want = decode_kernel.decode_scores(q, k8, w, lengths, None, scale)[0]
+    monkeypatch.setattr(decode_kernel, "HALF_MMA", True)
+    got = decode_kernel.decode_scores(q, k8, w, lengths, None, scale)[0]
+    for r, n in enumerate(lengths.tolist()):
+        assert torch.isfinite(want[r, :n]).all()
+        assert torch.equal(got[r, :n], want[r, :n]), f"row {r}"
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX needs a GPU")
-def test_e4m3_widening_is_exact_for_every_finite_code():
-    codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
-    got = torch.empty(256, dtype=torch.bfloat16, device="cuda")
-    _widen_e4m3[(1,)](codes, got, N=256)
-    want = codes.to(torch.bfloat16)
-    finite = ~want.isnan()
-    assert int(finite.sum()) == 254
-    assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and inline PTX need a GPU")
-def test_a_captured_fp8_decode_step_equals_the_plain_widening(monkeypatch):
-    """The integer e4m3 widening changes no bit of a decode step: scores, index sets and the attention
-    output equal those of Triton's ``.to(bfloat16)``, eager or replayed from a CUDA graph. (The top-k's
-    slot order comes from atomics, so the sets are compared sorted and attention reads them sorted.)"""
-    cap, b, hq, hkv, d = 6000, 3, 16, 2, 64
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("cap", [6000, 6016])  # a multiple of the key tile (unmasked loads), or not
+def test_a_captured_fp8_decode_step_equals_the_bf16_mma(monkeypatch, cap):
+    """The scaled fp16 MMA changes no bit of a decode step: scores, index sets and the attention output
+    equal those of the bf16 MMA on keys widened to bf16, eager or replayed from a CUDA graph. (The
+    top-k's slot order comes from atomics, so the sets are compared sorted and attention reads them
+    sorted.)"""
+    b, hq, hkv, d = 3, 16, 2, 64
     q_i, ki, w = _cache(b, 1, cap, 4, 128, seed=9, dtype=torch.bfloat16)
     k8, scale = quantize_index_keys(ki)
     lengths = torch.tensor([5999, 3001, 4500], dtype=torch.int32, device=DEVICE)
@@ -287,9 +290,9 @@ def test_a_captured_fp8_decode_step_equals_the_plain_widening(monkeypatch):
         idx = select_topk_decode(q_i, k8, w, 2048, lengths, k_scale=scale, validate=False).sort(-1).values
         return scores, idx, sparse_attention(q, k, v, idx, validate_indices=False)
 
-    monkeypatch.setattr(decode_kernel, "FAST_E4M3", False)
+    monkeypatch.setattr(decode_kernel, "HALF_MMA", False)
     scores0, idx0, out0 = step()
-    monkeypatch.setattr(decode_kernel, "FAST_E4M3", True)
+    monkeypatch.setattr(decode_kernel, "HALF_MMA", True)
     eager = step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

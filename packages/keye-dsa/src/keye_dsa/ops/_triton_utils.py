@@ -31,38 +31,6 @@ def mma(a, b, PRECISE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def e4m3_to_bf16(x):
-    """FP8 e4m3 values (any shape; a multiple of 4 per thread) widened to bf16, exactly, in integer ops.
-
-    Why not ``x.to(tl.bfloat16)``: Triton widens through fp16, three conversions per pair of values
-    (``cvt.rn.f16x2.e4m3x2`` then two ``cvt.bf16.f16``) on the GPU's slow conversion pipe, which bounds a
-    decode step's FP8 index-key scoring. Here each pair of bytes is moved into the top of two bf16 halves
-    (``prmt``), its exponent and mantissa shifted into place: that is the bf16 of ``x * 2**-120``
-    (exact, subnormal for e4m3's subnormals), which one ``fma.rn.bf16x2`` by ``2**120`` (plus -0, keeping
-    the sign of zero) makes ``x`` exactly. NaN (0x7f/0xff) is not preserved (it becomes 480)."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 lo, hi, s, two120, nz;
-        mov.b32 two120, 0x7B807B80;
-        mov.b32 nz, 0x80008000;
-        prmt.b32 lo, $2, 0, 0x1404;
-        prmt.b32 hi, $2, 0, 0x3424;
-        shr.b32 s, lo, 4;
-        and.b32 s, s, 0x07F007F0;
-        and.b32 lo, lo, 0x80008000;
-        or.b32 lo, lo, s;
-        fma.rn.bf16x2 $0, lo, two120, nz;
-        shr.b32 s, hi, 4;
-        and.b32 s, s, 0x07F007F0;
-        and.b32 hi, hi, 0x80008000;
-        or.b32 hi, hi, s;
-        fma.rn.bf16x2 $1, hi, two120, nz;
-        }""",
-        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=4,
-    )  # fmt: skip
-
-
-@triton.jit
 def popcount(x):
     """Set bits of each uint32 lane in plain integer ops (SWAR): the interpreter runs it too, and ptxas
     turns it into one ``POPC``."""

@@ -6,9 +6,10 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
 
 1. ``_decode_scores``: programs (query, key segment, batch) score their segment (all index heads in one
    MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
-   level-1 histogram (atomics). FP8 (e4m3) keys are widened to the query dtype on load (to bf16 by
-   ``e4m3_to_bf16``'s integer ops on the GPU: Triton's conversion bound the step) and the score is
-   multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)`` for ``s > 0``).
+   level-1 histogram (atomics). FP8 (e4m3) keys are widened on load, against a bf16 query to fp16 for
+   an fp16 MMA on the query scaled by a power of two (``_half_query``: one conversion per pair of keys,
+   where bf16 needs three or integer ops, and the instruction issue, not the bytes, bound this launch),
+   and the score is multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)``, ``s > 0``).
 2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
    that bin to a candidate buffer and histograms their next 8 bits (level 2).
@@ -39,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from keye_dsa.ops._triton_utils import dot_flags, e4m3_to_bf16, interpreting, mma
+from keye_dsa.ops._triton_utils import dot_flags, mma
 from keye_dsa.ops.indexer_topk.triton_kernel import _digit_histogram, _digit_step, _ordered_key
 
 BITS = 9  # level-1 histogram bits (sign and exponent: one bin per octave of scores); level 2 adds 8
@@ -61,7 +62,7 @@ SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 8192, "PAIR": 128, "num_warps": 16}  # t
 INTERPRETER_LAUNCHES = ({"BLOCK": 16, "num_warps": 4},) * 2 + (
     {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "num_warps": 4},
 )
-FAST_E4M3 = True  # False: Triton's own e4m3 widening (the GPU test compares the two bit for bit)
+HALF_MMA = True  # False: FP8 keys widened to bf16 for a bf16 MMA (the tests compare the two bit for bit)
 
 
 @triton.jit
@@ -79,10 +80,12 @@ def _decode_scores(
     T, scale, H, D,
     SEG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     NBITS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_START: tl.constexpr, PRECISE: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_D: tl.constexpr, FAST_E4M3: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_D: tl.constexpr, EVEN_S: tl.constexpr, HALF_MMA: tl.constexpr,
 ):  # fmt: skip
     """Scores of query ``program_id(0)`` of row ``program_id(2)`` against key segment ``program_id(1)``;
-    only visible keys are written and counted in the row's level-1 histogram ``HIST [rows, 2**NBITS]``."""
+    only visible keys are written and counted in the row's level-1 histogram ``HIST [rows, 2**NBITS]``.
+    ``EVEN_S``: the capacity is a multiple of ``BLOCK_S`` (and ``D`` of ``BLOCK_D``), so every key tile
+    lies in the cache and loads unmasked (tiles past ``end`` are scored but not stored)."""
     t = tl.program_id(0)
     b = tl.program_id(2)
     row = (b * T + t).to(tl.int64)
@@ -98,18 +101,26 @@ def _decode_scores(
         other=0.0,
     )
     wr = tl.load(W + b.to(tl.int64) * swb + t * swt + hh, mask=hh < H, other=0.0).to(tl.float32)
-    K += b.to(tl.int64) * skb
+    if HALF_MMA:
+        q, down = _half_query(q)
     KS += b.to(tl.int64) * sksb
+    # The key pointers advance by one tile per step: recomputing them (64-bit) cost ~30 instructions a step.
+    kp = K + b.to(tl.int64) * skb + (begin + tl.arange(0, BLOCK_S))[None, :].to(tl.int64) * sks + d[:, None]
     for s0 in range(begin, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        # No mask on the key dim when it fills the tile: with one, Triton does not pipeline this load
-        # (no cp.async), and each program then waits out one key tile's memory latency per step.
-        k_ok = (s[None, :] < end) if EVEN_D else (s[None, :] < end) & (d[:, None] < D)
-        kt = tl.load(K + s[None, :].to(tl.int64) * sks + d[:, None], mask=k_ok, other=0.0)
-        if FAST_E4M3:
-            kt = e4m3_to_bf16(kt)
+        if EVEN_S:
+            kt = tl.load(kp)
+        else:
+            # No mask on the key dim when it fills the tile: with one, Triton does not pipeline this load
+            # (no cp.async), and each program then waits out one key tile's memory latency per step.
+            k_ok = (s[None, :] < end) if EVEN_D else (s[None, :] < end) & (d[:, None] < D)
+            kt = tl.load(kp, mask=k_ok, other=0.0)
+        kp += BLOCK_S * sks
         dots = mma(q, kt.to(q.dtype), PRECISE, UPCAST)
-        score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0) * scale
+        score = tl.sum(tl.maximum(dots, 0.0) * wr[:, None], 0)
+        if HALF_MMA:
+            score *= down  # exact: a power of two
+        score *= scale
         tl.store(S + row * ssr + s, score, mask=(s >= lo) & (s < end))
     tl.debug_barrier()  # the segment's scores, stored by all threads, are read back once
     s = seg0 + tl.arange(0, SEG)
@@ -122,6 +133,21 @@ def _decode_scores(
     hist = tl.histogram((key >> (32 - NBITS)).to(tl.int32), 1 << NBITS, mask=visible)
     bins = tl.arange(0, 1 << NBITS)
     tl.atomic_add(HIST + row * (1 << NBITS) + bins, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit
+def _half_query(q):
+    """A bf16 query tile as fp16 times a power of two (its largest element in ``[2**14, 2**15)``), and
+    the power of two that undoes it: FP8 keys then widen to fp16 in one conversion per pair (bf16 takes
+    two more, or integer ops), and the fp16 MMA's products and fp32 sums are the bf16 MMA's times that
+    power, bit for bit, as long as the tile's elements span less than 2**31 (smaller ones fall into
+    fp16's subnormals and lose bits)."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+    shift = tl.minimum(14 - (((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127), 126)
+    up = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    return (qf * up).to(tl.float16), down
 
 
 @triton.jit
@@ -373,7 +399,8 @@ def decode_scores(q, k, w, lengths, key_start, k_scale):
         SEG=launch["SEG"], BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
         HAS_START=key_start is not None, **dot_flags(q.dtype), EVEN_D=dim == triton.next_power_of_2(dim),
-        FAST_E4M3=FAST_E4M3 and k_scale is not None and q.dtype == torch.bfloat16 and not interpreting(),
+        EVEN_S=capacity % launch["BLOCK_S"] == 0 and dim == triton.next_power_of_2(dim),
+        HALF_MMA=HALF_MMA and k_scale is not None and q.dtype == torch.bfloat16,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     return scores, (hist, hist2, count)
