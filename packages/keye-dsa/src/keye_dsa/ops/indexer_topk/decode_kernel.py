@@ -8,7 +8,8 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
    MMA tile), write the fp32 scores, then histogram the segment's top ``BITS`` key bits into the row's
    level-1 histogram (atomics). FP8 (e4m3) keys are widened on load, against a bf16 query to fp16 for
    an fp16 MMA on the query scaled by a power of two (``_half_query``: one conversion per pair of keys,
-   where bf16 needs three or integer ops, and the instruction issue, not the bytes, bound this launch),
+   where bf16 needs three or integer ops; this launch, at 3.7 warps per scheduler, is bound by latency
+   and issue rather than bytes: it ran slower on the H200 than on the H100, BENCHMARKS.md),
    and the score is multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)``, ``s > 0``).
 2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
