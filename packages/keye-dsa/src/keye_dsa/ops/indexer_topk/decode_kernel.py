@@ -183,7 +183,8 @@ def _decode_compact(
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 3]`` (output, level 1, level 2).
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 5]`` (output, level 1, level 2;
+    then the level-2 candidates' largest key and largest inverted key).
     The block's count of candidates goes to ``BCOUNT [rows, NBLK]`` (in position order: a tie's cut-off
     skips whole blocks by it)."""
     row = tl.program_id(0)
@@ -197,8 +198,8 @@ def _decode_compact(
     bin_ = (key >> (32 - NBITS)).to(tl.int32)
     above = ok & (bin_ > digit)
     cand = ok & (bin_ == digit)
-    _append(COUNT + row * 3, above, OUT + row * sor, s, OUT, s, False)
-    _append(COUNT + row * 3 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
+    _append(COUNT + row * 5, above, OUT + row * sor, s, OUT, s, False)
+    _append(COUNT + row * 5 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
     tl.store(BCOUNT + row * NBLK + tl.program_id(1), tl.sum(cand.to(tl.int32), 0))
     if tl.sum(cand.to(tl.int32), 0) > 0:
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
@@ -210,7 +211,9 @@ def _decode_refine(
     HIST, HIST2, COUNT, OUT, CS, CP, CS2, CP2, sor, scr, TOPK, NBITS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``'s level-1 candidates: keys of level-2 bins above
-    the threshold's go to the output, those of its bin to ``CS2``/``CP2`` (slots from ``COUNT``)."""
+    the threshold's go to the output, those of its bin to ``CS2``/``CP2`` (slots from ``COUNT``), and the
+    range of their keys to ``COUNT[row, 3:5]`` (the max of the keys and of the inverted keys: zeroed
+    scratch starts both), so the select learns whether they all tie without a pass over them."""
     row = tl.program_id(0).to(tl.int64)
     digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
     j0 = tl.program_id(1) * BLOCK
@@ -219,16 +222,21 @@ def _decode_refine(
         j = j0 + tl.arange(0, BLOCK)
         x = tl.load(CS + row * scr + j, mask=j < n_bin, other=0.0)
         p_j = tl.load(CP + row * scr + j, mask=j < n_bin, other=0)
-        bin2 = ((_ordered_key(x) >> (24 - NBITS)) & 255).to(tl.int32)
+        key = _ordered_key(x)
+        bin2 = ((key >> (24 - NBITS)) & 255).to(tl.int32)
         gt = (j < n_bin) & (bin2 > digit2)
         eq = (j < n_bin) & (bin2 == digit2)
-        _append(COUNT + row * 3, gt, OUT + row * sor, p_j, OUT, p_j, False)
-        _append(COUNT + row * 3 + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
+        _append(COUNT + row * 5, gt, OUT + row * sor, p_j, OUT, p_j, False)
+        _append(COUNT + row * 5 + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
+        if tl.sum(eq.to(tl.int32), 0) > 0:
+            keys = (COUNT + row * 5 + 3).to(tl.pointer_type(tl.uint32))
+            tl.atomic_max(keys, tl.max(tl.where(eq, key, 0), 0), sem="relaxed")
+            tl.atomic_max(keys + 1, tl.max(tl.where(eq, key ^ 0xFFFFFFFF, 0), 0), sem="relaxed")
 
 
 @triton.jit
 def _decode_select(
-    S, LEN, START, HIST, HIST2, BCOUNT, OUT, CS2, CP2, ssr, sor, scr, T, TOPK, NBLK,
+    S, LEN, START, HIST, HIST2, COUNT, BCOUNT, OUT, CS2, CP2, ssr, sor, scr, T, TOPK, NBLK,
     NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr, PAIR: tl.constexpr,
     CBLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
@@ -251,8 +259,11 @@ def _decode_select(
         if n_bin2 <= PAIR:  # the usual few dozen candidates
             _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
         else:
+            keys = (COUNT + row * 5 + 3).to(tl.pointer_type(tl.uint32))
+            low, high = tl.load(keys + 1) ^ 0xFFFFFFFF, tl.load(keys)
             _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, digit, digit2, n_above + n_above2,
-                           TOPK, BCOUNT + row * NBLK, NBLK, n_bin, NBITS, BLOCK, SCAN, CBLOCK)  # fmt: skip
+                           TOPK, BCOUNT + row * NBLK, NBLK, n_bin, low, high, NBITS, BLOCK, SCAN,
+                           CBLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -270,15 +281,15 @@ def _take_ranked(scores, pos, n, out, need, PAIR: tl.constexpr):
 
 @triton.jit
 def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, taken, TOPK, block_counts,
-                   nblk, n_bin, NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
+                   nblk, n_bin, low, high, NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
                    CBLOCK: tl.constexpr):  # fmt: skip
     """Writes the best of the ``n_bin2`` level-2 candidates ``scores``/``pos`` from slot ``taken`` of
-    ``out`` on: the exact threshold by two 8-bit radix passes (or one min/max pass when they all tie),
+    ``out`` on: the exact threshold by two 8-bit radix passes (none when the candidates' smallest and
+    largest keys, ``low`` and ``high``, are equal),
     then the ties' position cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``). When all
     ``n_bin`` level-1 candidates tie, their per-block counts ``block_counts`` locate the
     compaction block of ``CBLOCK`` positions holding the cut, and only that block is scanned."""
     need = tl.zeros([1], tl.int32) + (TOPK - taken)  # candidates still to take
-    low, high = _key_range(scores, n_bin2, BLOCK)
     if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
         prefix = tl.zeros([1], tl.uint32) + high
         n_eq = tl.zeros([1], tl.int32) + n_bin2
@@ -334,20 +345,6 @@ def _cut_block(block_counts, nblk, need, STEP: tl.constexpr = 256):
 
 
 @triton.jit
-def _key_range(scores, n, BLOCK: tl.constexpr):
-    """Smallest and largest order-preserving key among the ``n`` candidates: one pass of reductions,
-    which settles the common all-tied case without the two histogram passes."""
-    low = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)
-    high = tl.zeros([BLOCK], tl.uint32)
-    for j0 in range(0, n, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        key = _ordered_key(tl.load(scores + j, mask=j < n, other=0.0))
-        low = tl.minimum(low, tl.where(j < n, key, 0xFFFFFFFF))
-        high = tl.maximum(high, tl.where(j < n, key, 0))
-    return tl.min(low, 0), tl.max(high, 0)
-
-
-@triton.jit
 def _tie_cutoff(row_scores, lo, hi, threshold, need, n_eq, BLOCK: tl.constexpr):
     """Largest position to take among the ``n_eq`` keys equal to ``threshold`` so that exactly ``need``
     of them (the lowest positions, the reference's tie rule) are taken: the row's scores are scanned in
@@ -380,14 +377,14 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 def decode_scores(q, k, w, lengths, key_start, k_scale):
     """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only) and the zeroed scratch of the later
     launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot counters
-    ``[B*T, 3]``."""
+    and the level-2 candidates' key range ``[B*T, 5]``."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
     launch = SCORE_LAUNCH if k_scale is None else SCORE_LAUNCH_FP8
     if q.device.type == "cpu":
         launch = dict(launch, SEG=32, BLOCK_S=16, num_warps=4)
-    sizes = (1 << BITS, 256, 3)
+    sizes = (1 << BITS, 256, 5)
     scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
     hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
     scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
@@ -430,7 +427,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
         NBITS=BITS, **refine,
     )  # fmt: skip
     _decode_select[(rows,)](
-        scores, lengths, start, hist, hist2, block_counts, out, cs2, cp2, scores.stride(0), topk,
+        scores, lengths, start, hist, hist2, count, block_counts, out, cs2, cp2, scores.stride(0), topk,
         cs.stride(0), t, topk, nblk, NBITS=BITS, CBLOCK=compact["BLOCK"], HAS_START=key_start is not None,
         **select,
     )  # fmt: skip
