@@ -230,12 +230,9 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
         },
         "select: radix only (PAIR 1)": {"SELECT_LAUNCH": {**select, "PAIR": 1}},
         "select: 8192-key blocks": {"SELECT_LAUNCH": {**select, "BLOCK": 8192}},
-        "select: 4096-score tie scan": {"SELECT_LAUNCH": {**select, "SCAN": 4096}},
+        "select: 8192-score tie scan (before the fifth session)": {"SELECT_LAUNCH": {**select, "SCAN": 8192}},
         "select: 8 warps": {"SELECT_LAUNCH": {**select, "num_warps": 8}},
-        "select: 4096-score tie scan, 8 warps": {"SELECT_LAUNCH": {**select, "SCAN": 4096, "num_warps": 8}},
-        "select: 2048-entry blocks, 4096-score tie scan": {
-            "SELECT_LAUNCH": {**select, "BLOCK": 2048, "SCAN": 4096}
-        },
+        "select: 2048-entry blocks": {"SELECT_LAUNCH": {**select, "BLOCK": 2048}},
         "compact: 4096 x 8 warps": {"COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8}},
         "refine: 2048 x 4 warps": {"REFINE_LAUNCH": {"BLOCK": 2048, "num_warps": 4}},
     }  # fmt: skip
