@@ -9,7 +9,8 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
    level-1 histogram (atomics). FP8 (e4m3) keys are widened on load, against a bf16 query to fp16 for
    an fp16 MMA on the query scaled by a power of two (``_half_query``: one conversion per pair of keys,
    where bf16 needs three or integer ops; this launch, at 3.7 warps per scheduler, is bound by latency
-   and issue rather than bytes: it ran slower on the H200 than on the H100, BENCHMARKS.md),
+   and issue rather than bytes: with bf16 widening it ran no faster on the H200 than on the H100,
+   BENCHMARKS.md),
    and the score is multiplied by the key's fp32 scale (exact: ``relu(s * x) = s * relu(x)``, ``s > 0``).
 2. ``_decode_compact``: every program reads the finished level-1 histogram, finds the bin holding the
    row's ``topk``-th score, writes the keys of higher bins straight into the output, appends those of
@@ -65,6 +66,10 @@ SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 4096, "PAIR": 128, "num_warps": 16}  # t
 INTERPRETER_LAUNCHES = ({"BLOCK": 16, "num_warps": 4},) * 2 + (
     {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "num_warps": 4},
 )
+# Per-row counters in the scratch: output slots, level-1 and level-2 candidates, then the level-2
+# candidates' key range (largest key, largest inverted key; atomic maxima from zero)
+COUNTS = 5
+COUNTS_JIT = tl.constexpr(COUNTS)  # the same, for @triton.jit code (which reads only constexpr globals)
 HALF_MMA = True  # False: FP8 keys widened to bf16 for a bf16 MMA (the tests compare the two bit for bit)
 
 
@@ -185,8 +190,7 @@ def _decode_compact(
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, 5]`` (output, level 1, level 2;
-    then the level-2 candidates' largest key and largest inverted key).
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, COUNTS]``.
     The block's count of candidates goes to ``BCOUNT [rows, NBLK]`` (in position order: a tie's cut-off
     skips whole blocks by it)."""
     row = tl.program_id(0)
@@ -200,10 +204,11 @@ def _decode_compact(
     bin_ = (key >> (32 - NBITS)).to(tl.int32)
     above = ok & (bin_ > digit)
     cand = ok & (bin_ == digit)
-    _append(COUNT + row * 5, above, OUT + row * sor, s, OUT, s, False)
-    _append(COUNT + row * 5 + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
-    tl.store(BCOUNT + row * NBLK + tl.program_id(1), tl.sum(cand.to(tl.int32), 0))
-    if tl.sum(cand.to(tl.int32), 0) > 0:
+    _append(COUNT + row * COUNTS_JIT, above, OUT + row * sor, s, OUT, s, False)
+    _append(COUNT + row * COUNTS_JIT + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
+    n_cand = tl.sum(cand.to(tl.int32), 0)
+    tl.store(BCOUNT + row * NBLK + tl.program_id(1), n_cand)
+    if n_cand > 0:
         hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
         tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
 
@@ -228,12 +233,18 @@ def _decode_refine(
         bin2 = ((key >> (24 - NBITS)) & 255).to(tl.int32)
         gt = (j < n_bin) & (bin2 > digit2)
         eq = (j < n_bin) & (bin2 == digit2)
-        _append(COUNT + row * 5, gt, OUT + row * sor, p_j, OUT, p_j, False)
-        _append(COUNT + row * 5 + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
+        _append(COUNT + row * COUNTS_JIT, gt, OUT + row * sor, p_j, OUT, p_j, False)
+        _append(COUNT + row * COUNTS_JIT + 2, eq, CS2 + row * scr, x, CP2 + row * scr, p_j, True)
         if tl.sum(eq.to(tl.int32), 0) > 0:
-            keys = (COUNT + row * 5 + 3).to(tl.pointer_type(tl.uint32))
+            keys = _key_range_slots(COUNT, row)
             tl.atomic_max(keys, tl.max(tl.where(eq, key, 0), 0), sem="relaxed")
             tl.atomic_max(keys + 1, tl.max(tl.where(eq, key ^ 0xFFFFFFFF, 0), 0), sem="relaxed")
+
+
+@triton.jit
+def _key_range_slots(COUNT, row):
+    """``COUNT[row, 3:5]`` as uint32: the level-2 candidates' largest key and largest inverted key."""
+    return (COUNT + row * COUNTS_JIT + 3).to(tl.pointer_type(tl.uint32))
 
 
 @triton.jit
@@ -261,7 +272,7 @@ def _decode_select(
         if n_bin2 <= PAIR:  # the usual few dozen candidates
             _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
         else:
-            keys = (COUNT + row * 5 + 3).to(tl.pointer_type(tl.uint32))
+            keys = _key_range_slots(COUNT, row)
             low, high = tl.load(keys + 1) ^ 0xFFFFFFFF, tl.load(keys)
             _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, digit, digit2, n_above + n_above2,
                            TOPK, BCOUNT + row * NBLK, NBLK, n_bin, low, high, NBITS, BLOCK, SCAN,
@@ -287,10 +298,10 @@ def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, 
                    CBLOCK: tl.constexpr):  # fmt: skip
     """Writes the best of the ``n_bin2`` level-2 candidates ``scores``/``pos`` from slot ``taken`` of
     ``out`` on: the exact threshold by two 8-bit radix passes (none when the candidates' smallest and
-    largest keys, ``low`` and ``high``, are equal),
-    then the ties' position cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``). When all
-    ``n_bin`` level-1 candidates tie, their per-block counts ``block_counts`` locate the
-    compaction block of ``CBLOCK`` positions holding the cut, and only that block is scanned."""
+    largest keys, ``low`` and ``high``, are equal), then the ties' position cut-off from the row's
+    scores ``row_scores`` (window ``[lo, hi]``). When all ``n_bin`` level-1 candidates tie, their
+    per-block counts ``block_counts`` locate the compaction block of ``CBLOCK`` positions holding the
+    cut, and only that block is scanned."""
     need = tl.zeros([1], tl.int32) + (TOPK - taken)  # candidates still to take
     if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
         prefix = tl.zeros([1], tl.uint32) + high
@@ -379,27 +390,28 @@ def decode_topk(q, k, w, lengths, key_start, topk, k_scale=None) -> torch.Tensor
 def decode_scores(q, k, w, lengths, key_start, k_scale):
     """Launch 1: fp32 scores ``[B*T, C]`` (visible keys only) and the zeroed scratch of the later
     launches: level-1 histograms ``[B*T, 2**BITS]`` (filled here), level-2 ``[B*T, 256]``, slot counters
-    and the level-2 candidates' key range ``[B*T, 5]``."""
+    and the level-2 candidates' key range ``[B*T, COUNTS]``."""
     batch, t, heads, dim = q.shape
     capacity = k.shape[1]
     rows = batch * t
     launch = SCORE_LAUNCH if k_scale is None else SCORE_LAUNCH_FP8
     if q.device.type == "cpu":
         launch = dict(launch, SEG=32, BLOCK_S=16, num_warps=4)
-    sizes = (1 << BITS, 256, 5)
+    sizes = (1 << BITS, 256, COUNTS)
     scratch = torch.zeros(rows * sum(sizes), dtype=torch.int32, device=q.device)  # one memset for all
     hist, hist2, count = (x.view(rows, n) for x, n in zip(scratch.split([rows * n for n in sizes]), sizes))
     scores = torch.empty(rows, capacity, dtype=torch.float32, device=q.device)
     start = lengths if key_start is None else key_start  # a placeholder pointer when there is no start
     ks = k_scale if k_scale is not None else lengths
+    even_d = dim == triton.next_power_of_2(dim)
     _decode_scores[(t, triton.cdiv(capacity, launch["SEG"]), batch)](
         q, k, ks, w, lengths, start, scores, hist,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), ks.stride(0),
         w.stride(0), w.stride(1), scores.stride(0), t, dim**-0.5, heads, dim,
         SEG=launch["SEG"], BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_S=launch["BLOCK_S"],
         BLOCK_D=triton.next_power_of_2(dim), NBITS=BITS, HAS_SCALE=k_scale is not None,
-        HAS_START=key_start is not None, **dot_flags(q.dtype), EVEN_D=dim == triton.next_power_of_2(dim),
-        EVEN_S=capacity % launch["BLOCK_S"] == 0 and dim == triton.next_power_of_2(dim),
+        HAS_START=key_start is not None, **dot_flags(q.dtype), EVEN_D=even_d,
+        EVEN_S=even_d and capacity % launch["BLOCK_S"] == 0,
         HALF_MMA=HALF_MMA and k_scale is not None and q.dtype == torch.bfloat16,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
