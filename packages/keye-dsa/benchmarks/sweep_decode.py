@@ -226,8 +226,10 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
         "before 2026-12-07 (4096-score blocks of 8 warps, radix select only)": {
             "COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
             "REFINE_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
-            "SELECT_LAUNCH": {"BLOCK": 4096, "SCAN": 4096, "PAIR": 1, "num_warps": 8},
+            "SELECT_LAUNCH": {"BLOCK": 4096, "SCAN": 4096, "PAIR": 1, "SPLIT": 1, "num_warps": 8},
         },
+        "select: one program per row (SPLIT 1)": {"SELECT_LAUNCH": {**select, "SPLIT": 1}},
+        "select: 16 programs of 512 candidates": {"SELECT_LAUNCH": {**select, "SPLIT": 16, "BLOCK": 512}},
         "select: radix only (PAIR 1)": {"SELECT_LAUNCH": {**select, "PAIR": 1}},
         "select: 8192-key blocks": {"SELECT_LAUNCH": {**select, "BLOCK": 8192}},
         "select: 8192-score tie scan (before the fifth session)": {"SELECT_LAUNCH": {**select, "SCAN": 8192}},

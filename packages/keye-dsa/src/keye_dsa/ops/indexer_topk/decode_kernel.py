@@ -17,17 +17,19 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
    that bin to a candidate buffer and histograms their next 8 bits (level 2).
 3. ``_decode_refine``: the same split of the candidates by the level-2 histogram: higher bins to the
    output, the threshold's bin to a second, small candidate buffer.
-4. ``_decode_select``: one program per row takes the exact top of those, the lowest positions winning
-   ties (the reference's rule). Up to ``PAIR`` candidates (usually a few dozen) are ranked pairwise, by
-   score then position, and each is written at its rank. More are ties in practice (a row whose gates
-   are all negative scores ~1/16 of its keys at exactly 0, its maximum): 8-bit radix passes (skipped
-   when they all hold one value) find the threshold, and as the candidates are unordered, the row's
-   scores are scanned in position order up to the cut; when every level-1 candidate ties, the compaction
-   blocks' candidate counts locate the block holding the cut, and only that block is scanned.
+4. ``_decode_select``: the exact top of those, the lowest positions winning ties (the reference's rule).
+   Up to ``PAIR`` candidates (usually a few dozen) are ranked pairwise by one program per row, by score
+   then position, and each is written at its rank. More are ties in practice (a row whose gates are all
+   negative scores ~1/16 of its keys at exactly 0, its maximum): 8-bit radix passes (skipped when they
+   all hold one value) find the threshold, and as the candidates are unordered, the row's scores are
+   scanned in position order up to the cut; when every level-1 candidate ties, the compaction blocks'
+   candidate counts locate the block holding the cut, and only that block is scanned. Those candidates
+   are split over ``SPLIT`` programs per row, each finding the same threshold and cut-off and writing
+   its share (one program writing ~8K tied candidates was the slowest launch of a step with a tied row).
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
-programs; only the last launch is one program per row, over the few keys of one level-2 bin.
+programs; only the cut-off scan, over one 2048-score block when a whole bin ties, is repeated per program.
 
 Why histograms once per program: ``tl.histogram`` merges its warps' counts with shared-memory atomics
 (``num_warps * bins`` per call), which per 64-key step cost 1.27 ms a decode step on the H200 at 2048
@@ -58,13 +60,15 @@ SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 # step for a tie's cut-off, from the compaction block holding it when the whole level-1 bin ties (a row
 # tying ~8K keys at 0: the step 123.4 us against 131.7 scanning from the row's start, fifth session). Since
 # that scan covers one 2048-score block, 4096 scores per step beat 8192 in all four runs of the fifth
-# session (the step with the tied row 1-6 us faster on H100s and the H200).
+# session (the step with the tied row 1-6 us faster on H100s and the H200). SPLIT programs per row share the
+# tied candidates: 8 programs of 1024 candidates took the select with a tied row from 14.4 to 7.8 us on an
+# H100 (4 programs 8.9 us, 16 of 512 7.1-7.3 with a slower step; sixth session).
 COMPACT_LAUNCH = {"BLOCK": 2048, "num_warps": 4}  # scores scanned per compaction program
 REFINE_LAUNCH = {"BLOCK": 1024, "num_warps": 4}  # level-1 candidates per refining program
-SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 4096, "PAIR": 128, "num_warps": 16}  # the one-program-per-row select
+SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 4096, "PAIR": 128, "SPLIT": 8, "num_warps": 16}
 # the three above on the CPU interpreter: small blocks, so small tests reach every path
 INTERPRETER_LAUNCHES = ({"BLOCK": 16, "num_warps": 4},) * 2 + (
-    {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "num_warps": 4},
+    {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "SPLIT": 4, "num_warps": 4},
 )
 # Per-row counters in the scratch: output slots, level-1 and level-2 candidates, then the level-2
 # candidates' key range (largest key, largest inverted key; atomic maxima from zero)
@@ -174,7 +178,9 @@ def _threshold_bin(HIST, row, TOPK, NBITS: tl.constexpr):
 @triton.jit
 def _append(counter, keep, dst, value, dst2, value2, PAIR: tl.constexpr):
     """Appends ``value`` (with ``PAIR``, ``value2`` at ``dst2`` too) where ``keep`` to the list at ``dst``
-    whose length is ``counter``: one atomic reservation per program, so programs append in any order."""
+    whose length is ``counter``: one atomic reservation per program, so programs append in any order.
+    (Reserving unconditionally, so that a program's two lists' atomics overlap, made the compaction slower:
+    14.2 us against 12.1 on an H100, sixth session.)"""
     n = tl.sum(keep.to(tl.int32), 0)
     if n > 0:
         at = tl.atomic_add(counter, n, sem="relaxed") + tl.cumsum(keep.to(tl.int32), 0) - 1
@@ -250,33 +256,38 @@ def _key_range_slots(COUNT, row):
 @triton.jit
 def _decode_select(
     S, LEN, START, HIST, HIST2, COUNT, BCOUNT, OUT, CS2, CP2, ssr, sor, scr, T, TOPK, NBLK,
-    NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr, PAIR: tl.constexpr,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr, PAIR: tl.constexpr, SPLIT: tl.constexpr,
     CBLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
-    """Row ``program_id(0)``: the exact top of the level-2 candidates after the keys already written (or
-    the -1 padding when the row sees fewer than ``TOPK`` keys)."""
-    row = tl.program_id(0)
-    lo, hi = _row_bounds(LEN, START, row // T, row % T, T, HAS_START)
-    row = row.to(tl.int64)
-    digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
-    out = OUT + row * sor
-    if digit < 0:  # every visible key is written: pad
-        n = tl.maximum(hi - lo + 1, 0)
-        for j0 in range(n, TOPK, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
-    else:
-        digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
-        scores = CS2 + row * scr
-        pos = CP2 + row * scr
-        if n_bin2 <= PAIR:  # the usual few dozen candidates
-            _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
+    """Program ``program_id(1)`` of the ``SPLIT`` of row ``program_id(0)``: the exact top of the level-2
+    candidates after the keys already written (or the -1 padding when the row sees fewer than ``TOPK``
+    keys). Program 0 pads and ranks up to ``PAIR`` candidates; more are split over the programs by
+    blocks of ``BLOCK`` (each finds the same threshold and tie cut-off, then writes its blocks')."""
+    r = tl.program_id(0)
+    row = r.to(tl.int64)
+    part = tl.program_id(1)
+    n_cand = tl.load(COUNT + row * COUNTS_JIT + 2)  # level-2 candidates: the idle programs exit early
+    if (part == 0) | ((n_cand > PAIR) & (part * BLOCK < n_cand)):
+        lo, hi = _row_bounds(LEN, START, r // T, r % T, T, HAS_START)
+        digit, n_above, n_bin = _threshold_bin(HIST, row, TOPK, NBITS)
+        out = OUT + row * sor
+        if digit < 0:  # every visible key is written: pad
+            n = tl.maximum(hi - lo + 1, 0)
+            for j0 in range(n, TOPK, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                tl.store(out + j, tl.full([BLOCK], -1, tl.int32), mask=j < TOPK)
         else:
-            keys = _key_range_slots(COUNT, row)
-            low, high = tl.load(keys + 1) ^ 0xFFFFFFFF, tl.load(keys)
-            _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, digit, digit2, n_above + n_above2,
-                           TOPK, BCOUNT + row * NBLK, NBLK, n_bin, low, high, NBITS, BLOCK, SCAN,
-                           CBLOCK)  # fmt: skip
+            digit2, n_above2, n_bin2 = _threshold_bin(HIST2, row, TOPK - n_above, 8)
+            scores = CS2 + row * scr
+            pos = CP2 + row * scr
+            if n_bin2 <= PAIR:  # the usual few dozen candidates
+                _take_ranked(scores, pos, n_bin2, out + n_above + n_above2, TOPK - n_above - n_above2, PAIR)
+            else:
+                keys = _key_range_slots(COUNT, row)
+                low, high = tl.load(keys + 1) ^ 0xFFFFFFFF, tl.load(keys)
+                _take_by_radix(S + row * ssr, lo, hi, scores, pos, n_bin2, out, COUNT + row * COUNTS_JIT,
+                               digit, digit2, n_above + n_above2, TOPK, BCOUNT + row * NBLK, NBLK, n_bin, low,
+                               high, part, NBITS, BLOCK, SCAN, SPLIT, CBLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -293,15 +304,16 @@ def _take_ranked(scores, pos, n, out, need, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, taken, TOPK, block_counts,
-                   nblk, n_bin, low, high, NBITS: tl.constexpr, BLOCK: tl.constexpr, SCAN: tl.constexpr,
-                   CBLOCK: tl.constexpr):  # fmt: skip
-    """Writes the best of the ``n_bin2`` level-2 candidates ``scores``/``pos`` from slot ``taken`` of
-    ``out`` on: the exact threshold by two 8-bit radix passes (none when the candidates' smallest and
-    largest keys, ``low`` and ``high``, are equal), then the ties' position cut-off from the row's
-    scores ``row_scores`` (window ``[lo, hi]``). When all ``n_bin`` level-1 candidates tie, their
-    per-block counts ``block_counts`` locate the compaction block of ``CBLOCK`` positions holding the
-    cut, and only that block is scanned."""
+def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, n_out, digit, digit2, taken, TOPK,
+                   block_counts, nblk, n_bin, low, high, part, NBITS: tl.constexpr, BLOCK: tl.constexpr,
+                   SCAN: tl.constexpr, SPLIT: tl.constexpr, CBLOCK: tl.constexpr):  # fmt: skip
+    """Writes part ``part`` of ``SPLIT`` of the best of the ``n_bin2`` level-2 candidates
+    ``scores``/``pos`` (those in its blocks of ``BLOCK``) after the ``taken`` keys already in ``out``
+    (slots from the counter ``n_out``): the exact threshold by two 8-bit radix passes (none when the
+    candidates' smallest and largest keys, ``low`` and ``high``, are equal), then the ties' position
+    cut-off from the row's scores ``row_scores`` (window ``[lo, hi]``). When all ``n_bin`` level-1
+    candidates tie, their per-block counts ``block_counts`` locate the compaction block of ``CBLOCK``
+    positions holding the cut, and only that block is scanned."""
     need = tl.zeros([1], tl.int32) + (TOPK - taken)  # candidates still to take
     if low == high:  # one value (a row whose gates are all negative ties thousands of keys at 0)
         prefix = tl.zeros([1], tl.uint32) + high
@@ -326,14 +338,12 @@ def _take_by_radix(row_scores, lo, hi, scores, pos, n_bin2, out, digit, digit2, 
         start = tl.maximum(lo, first * CBLOCK)
         skipped += before
     cut = _tie_cutoff(row_scores, start, hi, prefix, need - skipped, n_eq - skipped, SCAN)
-    taken = tl.zeros([1], tl.int32) + taken
-    for j0 in range(0, n_bin2, BLOCK):
+    for j0 in range(part * BLOCK, n_bin2, SPLIT * BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         key = _ordered_key(tl.load(scores + j, mask=j < n_bin2, other=0.0))
         p_j = tl.load(pos + j, mask=j < n_bin2, other=0)
         keep = (j < n_bin2) & ((key > prefix) | ((key == prefix) & (p_j <= cut)))
-        tl.store(out + taken + tl.cumsum(keep.to(tl.int32), 0) - 1, p_j, mask=keep)
-        taken += tl.sum(keep.to(tl.int32), 0)
+        _append(n_out, keep, out, p_j, out, p_j, False)
 
 
 @triton.jit
@@ -440,7 +450,7 @@ def decode_select(scores, scratch, lengths, key_start, t, topk) -> torch.Tensor:
         hist, hist2, count, out, cs, cp, cs2, cp2, topk, cs.stride(0), topk,
         NBITS=BITS, **refine,
     )  # fmt: skip
-    _decode_select[(rows,)](
+    _decode_select[(rows, select["SPLIT"])](
         scores, lengths, start, hist, hist2, count, block_counts, out, cs2, cp2, scores.stride(0), topk,
         cs.stride(0), t, topk, nblk, NBITS=BITS, CBLOCK=compact["BLOCK"], HAS_START=key_start is not None,
         **select,
