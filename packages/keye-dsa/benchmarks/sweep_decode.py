@@ -220,11 +220,11 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
     committed = {
         name: dict(getattr(dk, name)) for name in ("COMPACT_LAUNCH", "REFINE_LAUNCH", "SELECT_LAUNCH")
     }
-    select, compact = committed["SELECT_LAUNCH"], committed["COMPACT_LAUNCH"]
+    select = committed["SELECT_LAUNCH"]
     variants = {
         "committed": {},
         "before 2026-12-07 (4096-score blocks of 8 warps, radix select only)": {
-            "COMPACT_LAUNCH": {"BLOCK": 4096, "SPARSE": 0, "num_warps": 8},
+            "COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
             "REFINE_LAUNCH": {"BLOCK": 4096, "num_warps": 8},
             "SELECT_LAUNCH": {"BLOCK": 4096, "SCAN": 4096, "PAIR": 1, "SPLIT": 1, "num_warps": 8},
         },
@@ -235,8 +235,7 @@ def select_launch_cases(case, dense: float, reps: int) -> None:
         "select: 8192-score tie scan (before the fifth session)": {"SELECT_LAUNCH": {**select, "SCAN": 8192}},
         "select: 8 warps": {"SELECT_LAUNCH": {**select, "num_warps": 8}},
         "select: 2048-entry blocks": {"SELECT_LAUNCH": {**select, "BLOCK": 2048}},
-        "compact: 4096 x 8 warps": {"COMPACT_LAUNCH": {**compact, "BLOCK": 4096, "num_warps": 8}},
-        "compact: level-2 histogram by tl.histogram (SPARSE 0)": {"COMPACT_LAUNCH": {**compact, "SPARSE": 0}},
+        "compact: 4096 x 8 warps": {"COMPACT_LAUNCH": {"BLOCK": 4096, "num_warps": 8}},
         "refine: 2048 x 4 warps": {"REFINE_LAUNCH": {"BLOCK": 2048, "num_warps": 4}},
     }  # fmt: skip
     gates = {"gates as drawn": case.w, "all gates positive": case.w.abs()}

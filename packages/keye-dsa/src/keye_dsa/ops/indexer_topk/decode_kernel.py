@@ -63,13 +63,11 @@ SCORE_LAUNCH_FP8 = {"SEG": 2048, "BLOCK_S": 64, "num_warps": 4, "num_stages": 3}
 # session (the step with the tied row 1-6 us faster on H100s and the H200). SPLIT programs per row share the
 # tied candidates: 8 programs of 1024 candidates took the select with a tied row from 14.4 to 7.8 us on an
 # H100 (4 programs 8.9 us, 16 of 512 7.1-7.3 with a slower step; sixth session).
-COMPACT_LAUNCH = {"BLOCK": 2048, "SPARSE": 64, "num_warps": 4}  # scores scanned per compaction program
+COMPACT_LAUNCH = {"BLOCK": 2048, "num_warps": 4}  # scores scanned per compaction program
 REFINE_LAUNCH = {"BLOCK": 1024, "num_warps": 4}  # level-1 candidates per refining program
 SELECT_LAUNCH = {"BLOCK": 1024, "SCAN": 4096, "PAIR": 128, "SPLIT": 8, "num_warps": 16}
 # the three above on the CPU interpreter: small blocks, so small tests reach every path
-INTERPRETER_LAUNCHES = (
-    {"BLOCK": 16, "SPARSE": 4, "num_warps": 4},
-    {"BLOCK": 16, "num_warps": 4},
+INTERPRETER_LAUNCHES = ({"BLOCK": 16, "num_warps": 4},) * 2 + (
     {"BLOCK": 16, "SCAN": 16, "PAIR": 16, "SPLIT": 4, "num_warps": 4},
 )
 # Per-row counters in the scratch: output slots, level-1 and level-2 candidates, then the level-2
@@ -194,12 +192,11 @@ def _append(counter, keep, dst, value, dst2, value2, PAIR: tl.constexpr):
 @triton.jit
 def _decode_compact(
     S, LEN, START, HIST, HIST2, COUNT, BCOUNT, OUT, CS, CP, ssr, sor, scr, T, TOPK, NBLK,
-    NBITS: tl.constexpr, BLOCK: tl.constexpr, SPARSE: tl.constexpr, HAS_START: tl.constexpr,
+    NBITS: tl.constexpr, BLOCK: tl.constexpr, HAS_START: tl.constexpr,
 ):  # fmt: skip
     """Block ``program_id(1)`` of row ``program_id(0)``: keys of level-1 bins above the threshold bin go
     to the output, keys of that bin to the candidate buffers ``CS``/``CP`` and their next 8 bits to the
-    level-2 histogram ``HIST2 [rows, 256]`` (by one atomic per candidate up to ``SPARSE`` of them, else
-    by ``tl.histogram``); slots from ``COUNT [rows, COUNTS]``.
+    level-2 histogram ``HIST2 [rows, 256]``; slots from ``COUNT [rows, COUNTS]``.
     The block's count of candidates goes to ``BCOUNT [rows, NBLK]`` (in position order: a tie's cut-off
     skips whole blocks by it)."""
     row = tl.program_id(0)
@@ -217,12 +214,9 @@ def _decode_compact(
     _append(COUNT + row * COUNTS_JIT + 1, cand, CS + row * scr, x, CP + row * scr, s, True)
     n_cand = tl.sum(cand.to(tl.int32), 0)
     tl.store(BCOUNT + row * NBLK + tl.program_id(1), n_cand)
-    digit2 = ((key >> (24 - NBITS)) & 255).to(tl.int32)
-    if n_cand > SPARSE:
-        hist = tl.histogram(digit2, 256, mask=cand)
+    if n_cand > 0:
+        hist = tl.histogram(((key >> (24 - NBITS)) & 255).to(tl.int32), 256, mask=cand)
         tl.atomic_add(HIST2 + row * 256 + tl.arange(0, 256), hist, mask=hist > 0, sem="relaxed")
-    elif n_cand > 0:  # a few: one atomic each (tl.histogram's ballots cost ~1000 instructions a warp)
-        tl.atomic_add(HIST2 + row * 256 + digit2, tl.full([BLOCK], 1, tl.int32), mask=cand, sem="relaxed")
 
 
 @triton.jit
