@@ -99,9 +99,10 @@ def test_decode_kernel_on_scores_within_one_octave(force_impl):
 
 @pytest.mark.parametrize("case", ["few level-2 candidates", "thousands tied at 0", "one narrow octave"])
 def test_decode_select_at_the_gpu_block_sizes(force_impl, monkeypatch, case):
-    """The select launches with the GPU's block sizes (4096 scores or candidates per program), also on the
-    interpreter: several programs per row append to its buffers, and the one-program select takes the
-    radix path, the one-value path or the tie cut-off."""
+    """The select launches with the GPU's block sizes (thousands of scores or candidates per program) on
+    the interpreter: several programs per row append to its buffers, and the select takes the radix path,
+    the one-value path or the tie cut-off. (The interpreter's small blocks split the select's candidates
+    over several programs; these cover its paths at the real sizes.)"""
     force_impl("triton")
     dk = decode_kernel
     monkeypatch.setattr(dk, "INTERPRETER_LAUNCHES", (dk.COMPACT_LAUNCH, dk.REFINE_LAUNCH, dk.SELECT_LAUNCH))
