@@ -29,7 +29,8 @@ the exact threshold in two histogram levels of the scores' order-preserving uint
 
 Output slots and buffer entries come from per-row atomic counters, so the order of the positions is
 arbitrary (any order of a top-k set is valid, DESIGN §3). Every pass over many keys is spread over many
-programs; only the cut-off scan, over one 2048-score block when a whole bin ties, is repeated per program.
+programs; the select's programs of one row each repeat the threshold search over the row's level-2
+candidates and the cut-off scan (one 2048-score block when a whole bin ties) rather than share them.
 
 Why histograms once per program: ``tl.histogram`` merges its warps' counts with shared-memory atomics
 (``num_warps * bins`` per call), which per 64-key step cost 1.27 ms a decode step on the H200 at 2048
