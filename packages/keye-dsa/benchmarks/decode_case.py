@@ -1,4 +1,4 @@
-"""The decode benchmark case of issue 3, shared by ``bench_dsa.py`` and ``sweep_decode.py``.
+"""The decode benchmark case of issue 3 and its timing, shared by ``bench_dsa.py`` and ``sweep_decode.py``.
 
 One new token per row against a 128K cache (capacity 128K + 256, filled length as a device tensor),
 batch 8, Hq=32, Hkv=4, D=128, 4 index heads x 128, top-k 2048, random normal inputs; ``smoke``: tiny.
@@ -6,6 +6,7 @@ batch 8, Hq=32, Hkv=4, D=128, 4 index heads x 128, top-k 2048, random normal inp
 
 from __future__ import annotations
 
+import statistics
 from types import SimpleNamespace
 
 import torch
@@ -29,3 +30,26 @@ def decode_case(dev: str, smoke: bool, dtype: torch.dtype) -> SimpleNamespace:
     lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
     return SimpleNamespace(b=b, s=s, topk=topk, q=q, k=k, v=v, qi=qi, ki=ki, w=w, k8=k8, k_scale=k_scale,
                            lengths=lengths)  # fmt: skip
+
+
+SLEEP_CYCLES = 200_000  # ~100 us of GPU clock: longer than the host takes to launch a graph
+
+
+def graph_replay_ms(replay, reps: int) -> tuple[float, float]:
+    """Median ms of one replay of a captured CUDA graph, timed by an event pair around it, two ways:
+    with a sleep kernel queued ahead, so the GPU starts the replay as soon as it is free and the pair
+    times the GPU's work alone (kernels and the gaps between them), and on an idle GPU, where the pair
+    also takes in the host's launch of the graph (a few microseconds more for a graph of several
+    kernels than for one: a decoder replays all its layers from one graph and pays it once a token)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(reps):
+        for busy in (True, False):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if busy:
+                torch.cuda._sleep(SLEEP_CYCLES)
+            start.record()
+            replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[busy].append(start.elapsed_time(end))
+    return statistics.median(times[True]), statistics.median(times[False])

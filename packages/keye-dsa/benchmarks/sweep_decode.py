@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from decode_case import decode_case  # this folder (a script's own folder is on sys.path)
+from decode_case import decode_case, graph_replay_ms  # this folder (a script's own folder is on sys.path)
 
 from keye_dsa import select_topk_decode, sparse_attention
 from keye_dsa.ops._triton_utils import dot_flags
@@ -55,31 +55,31 @@ def check(name: str, ok: bool, detail) -> None:
 
 
 def timed(fn, reps: int) -> float:
-    """Median ms of ``fn`` replayed from a CUDA graph (one replay per event pair), host clock on CPU."""
+    """Median ms of ``fn`` replayed from a CUDA graph: the GPU's time for one replay (host clock on CPU)."""
+    return timed_both(fn, reps)[0]
+
+
+def timed_both(fn, reps: int) -> tuple[float, float]:
+    """``graph_replay_ms`` of ``fn`` captured in a CUDA graph: the GPU's time for one replay, and the time
+    on an idle GPU (the host's launch of the graph included); host clock on CPU (twice the same)."""
     fn()
     if not GPU:
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
     graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return graph_replay_ms(graph.replay, reps)
 
 
 def record(name: str, ms: float, **extra) -> None:
     RESULTS["timings"].append({"case": name, "ms": ms, **extra})
-    log(f"  {name:<64} {ms * 1e3:9.1f} us")
+    idle = extra.get("idle_gpu_ms")
+    log(f"  {name:<64} {ms * 1e3:9.1f} us" + (f" (idle GPU: {idle * 1e3:.1f} us)" if idle else ""))
     if OUT_PATH:  # as we go: a timeout keeps what was measured
         with open(OUT_PATH, "w") as f:
             json.dump(RESULTS, f, indent=1, default=str)
@@ -191,10 +191,11 @@ def dsa_step(case, keys, k_scale, w):
     return step
 
 
-def gate_cases(case, dense: float, reps: int) -> None:
+def gate_cases(case, dense: tuple[float, float], reps: int) -> None:
     """The decode top-k's cost depends on the data: a row whose gates are all negative scores ~1/16 of its
     keys (those with every ``q_I . k_I <= 0``) at exactly 0, its maximum, so thousands of keys tie at the
-    cut. Checks and times the step with the gates as drawn, all positive, and row 0's all negative."""
+    cut. Checks and times the step with the gates as drawn, all positive, and row 0's all negative, against
+    ``dense`` (the dense step's GPU time of one replay, and its time on an idle GPU)."""
     qi, ki, w, k8, scale, s, topk = case.qi, case.ki, case.w, case.k8, case.k_scale, case.s, case.topk
     deq = dequantize_index_keys(k8, scale)[:, :s]
     gates = {
@@ -209,8 +210,9 @@ def gate_cases(case, dense: float, reps: int) -> None:
             bad = set_equal(got, select_topk_reference(qi, ref_keys, ww, topk))
             check(f"{kind} decode top-k, {name} (rows differing)", bad == 0, bad)
 
-            ms = timed(dsa_step(case, keys, ks, ww), reps)
-            record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense / ms)
+            ms, idle = timed_both(dsa_step(case, keys, ks, ww), reps)
+            record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense[0] / ms, idle_gpu_ms=idle,
+                   vs_dense_idle_gpu=dense[1] / idle)  # fmt: skip
 
 
 def select_launch_cases(case, dense: float, reps: int) -> None:
@@ -317,8 +319,8 @@ def main() -> None:
     qt = q.transpose(1, 2)
     kt, vt = (x[:, :s].transpose(1, 2).contiguous() for x in (k, v))
     log("timings (CUDA graph replays, median):")
-    dense = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), reps)
-    record("dense SDPA", dense, TBps=2 * kt.numel() * 2 / dense / 1e9)
+    dense, dense_idle = timed_both(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), reps)
+    record("dense SDPA", dense, TBps=2 * kt.numel() * 2 / dense / 1e9, idle_gpu_ms=dense_idle)
     idx = select_topk_decode(qi, ki, w, topk, lengths, validate=False)
     old_sel = timed(lambda: old_select(qi, ki, w, topk, lengths), reps)
     record("previous: indexer + top-k", old_sel)
@@ -405,7 +407,7 @@ def main() -> None:
                launch=best[kind][1], bits=best[kind][2])  # fmt: skip
     select_launch_cases(case, dense, reps)
     half_mma_cases(case, dense, reps)
-    gate_cases(case, dense, reps)
+    gate_cases(case, (dense, dense_idle), reps)
     RESULTS["defaults"] = {"score": default_launch, "bits": default_bits, "split": split_default}
     if args.out:
         with open(args.out, "w") as f:
