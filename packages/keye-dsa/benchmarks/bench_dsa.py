@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from decode_case import decode_case, graph_replay_ms  # this folder (a script's own folder is on sys.path)
+from decode_case import decode_case, graph_replay_ms, graphed  # this folder (on sys.path)
 
 from keye_dsa import indexer_kl_loss, select_topk, select_topk_decode, sparse_attention
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
@@ -336,16 +336,6 @@ def stage_breakdown(qi, ki, w, topk, t, reps) -> None:
     add("last chunk: sample + score/filter + select", t, sample_ms + score_ms + select_ms, rows=rows,
         sample_ms=sample_ms, score_ms=score_ms, score_TFLOPs=flops / score_ms / 1e9, select_ms=select_ms,
         mean_candidates=cand[1].float().mean().item(), flagged_rows=flagged)  # fmt: skip
-
-
-def graphed(fn):
-    """``fn`` captured once in a CUDA graph; the returned callable replays it (no launch overhead)."""
-    fn()  # compile and allocate outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def bench_decode(dev: str, smoke: bool, reps: int) -> None:

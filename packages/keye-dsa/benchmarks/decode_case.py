@@ -32,6 +32,17 @@ def decode_case(dev: str, smoke: bool, dtype: torch.dtype) -> SimpleNamespace:
                            lengths=lengths)  # fmt: skip
 
 
+def graphed(fn):
+    """``fn`` captured once in a CUDA graph (after a run outside it that compiles and allocates); the
+    returned callable replays it."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 SLEEP_CYCLES = 200_000  # ~100 us of GPU clock: longer than the host takes to launch a graph
 
 

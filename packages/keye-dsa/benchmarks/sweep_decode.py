@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from decode_case import decode_case, graph_replay_ms  # this folder (a script's own folder is on sys.path)
+from decode_case import decode_case, graph_replay_ms, graphed  # this folder (on sys.path)
 
 from keye_dsa import select_topk_decode, sparse_attention
 from keye_dsa.ops._triton_utils import dot_flags
@@ -62,18 +62,30 @@ def timed(fn, reps: int) -> float:
 def timed_both(fn, reps: int) -> tuple[float, float]:
     """``graph_replay_ms`` of ``fn`` captured in a CUDA graph: the GPU's time for one replay, and the time
     on an idle GPU (the host's launch of the graph included); host clock on CPU (twice the same)."""
-    fn()
     if not GPU:
+        fn()
         t0 = time.perf_counter()
         fn()
         ms = (time.perf_counter() - t0) * 1e3
         return ms, ms
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    return graph_replay_ms(graph.replay, reps)
+    return graph_replay_ms(graphed(fn), reps)
+
+
+def kernel_times(fn, replays: int = 20) -> dict[str, float]:
+    """Mean GPU microseconds of each kernel of ``fn`` (captured in a CUDA graph) over ``replays`` replays,
+    from ``torch.profiler``: steadier between captures than the step's time. Empty on CPU."""
+    if not GPU:
+        return {}
+    replay = graphed(fn)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            replay()
+        torch.cuda.synchronize()
+    return {
+        e.key[:48]: round(e.device_time_total / e.count, 2)
+        for e in prof.key_averages()
+        if e.device_time_total
+    }
 
 
 def record(name: str, ms: float, **extra) -> None:
@@ -211,8 +223,11 @@ def gate_cases(case, dense: tuple[float, float], reps: int) -> None:
             check(f"{kind} decode top-k, {name} (rows differing)", bad == 0, bad)
 
             ms, idle = timed_both(dsa_step(case, keys, ks, ww), reps)
+            kernels = kernel_times(dsa_step(case, keys, ks, ww))
             record(f"DSA step, {kind} index keys, {name}", ms, vs_dense=dense[0] / ms, idle_gpu_ms=idle,
-                   vs_dense_idle_gpu=dense[1] / idle)  # fmt: skip
+                   vs_dense_idle_gpu=dense[1] / idle, kernels_us=kernels)  # fmt: skip
+            if kernels:
+                log("    kernels (us): " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
 
 
 def select_launch_cases(case, dense: float, reps: int) -> None:
