@@ -30,9 +30,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-from decode_case import decode_case, graph_replay_ms, graphed  # this folder (on sys.path)
+from decode_case import decode_case, fill_static_cache, graph_replay_ms, graphed  # this folder (on sys.path)
 
-from keye_dsa import indexer_kl_loss, select_topk, select_topk_decode, sparse_attention
+from keye_dsa import (
+    DSAttention,
+    StaticDSACache,
+    indexer_kl_loss,
+    select_topk,
+    select_topk_decode,
+    sparse_attention,
+)
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
@@ -407,6 +414,50 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
             speedup_vs_dense_graph_idle_gpu=dense_idle / idle)  # fmt: skip
 
 
+def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
+    """A whole ``DSAttention`` layer's decode step (projections, q/k norms, RoPE, the indexer, cache
+    writes, top-k, sparse attention, output projection) on a ``StaticDSACache`` filled to 128K at batch 8,
+    against the same layer with its indexer off (dense SDPA over the cache, masked to the filled length
+    on the device), in the same run: what a graph-captured decoder pays per layer and token."""
+    torch.manual_seed(0)
+    shape = decode_case(dev, smoke, torch.float32, shape_only=True)
+    b, s, hq, hkv, d = shape.b, shape.s, shape.hq, shape.hkv, shape.d
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    attn = DSAttention(
+        hq * d, hq, hkv, d, index_heads=shape.h_i, index_head_dim=shape.d_i, topk=shape.topk
+    ).to(dev, dtype).eval()  # fmt: skip
+    x = torch.randn(b, 1, hq * d, device=dev, dtype=dtype)
+    label = f"decode layer (batch {b}, {s // 1024}K cache, hidden {hq * d})"
+    dense_ms = dense_idle = None
+    for name, mode, index_dtype in (
+        ("indexer off (dense SDPA)", "off", None), ("DSA", "sparse", None),
+        ("DSA, FP8 index keys", "sparse", torch.float8_e4m3fn),
+    ):  # fmt: skip
+        attn.sa_indexer.mode = mode
+        cache = StaticDSACache(b, s + 256, index_dtype=index_dtype)
+        with torch.no_grad():
+            attn(x, cache=cache)  # allocates the buffers
+            fill_static_cache(cache, s)
+
+            def step(cache=cache):
+                return attn(x, cache=cache)
+
+            if dev != "cuda":
+                add(f"{label} {name} eager", s, timed(step, reps))
+                continue
+            ms, idle = graph_replay_ms(graphed(step), reps)
+        extra = {"idle_gpu_ms": idle}
+        if dense_ms is None:
+            dense_ms, dense_idle = ms, idle
+        else:
+            extra.update(
+                speedup_vs_dense_layer=dense_ms / ms, speedup_vs_dense_layer_idle_gpu=dense_idle / idle
+            )
+        add(f"{label} {name} graph", s, ms, **extra)
+        del cache, step
+        torch.cuda.empty_cache()
+
+
 def sweep_launch(dev: str, t: int = 32768) -> None:
     """Times a few (BLOCK_N, num_warps, num_stages) launch settings of the sparse-attention kernels on
     random indices at ``t`` and keeps the fastest for the rest of the run."""
@@ -488,6 +539,8 @@ def main() -> None:
     try:
         if not args.no_decode:
             bench_decode(dev, args.smoke, 1 if args.smoke else 10)
+            save(args.out)
+            bench_decode_layer(dev, args.smoke, 1 if args.smoke else 10)
     except Exception as e:
         RESULTS["errors"].append(f"decode: {type(e).__name__}: {e}")
     save(args.out)

@@ -14,11 +14,14 @@ import torch
 from keye_dsa.ops.indexer_topk.decode import quantize_index_keys
 
 
-def decode_case(dev: str, smoke: bool, dtype: torch.dtype) -> SimpleNamespace:
-    """Queries, caches (K/V, bf16/fp32 index keys and their FP8 form), gates and filled lengths."""
+def decode_case(dev: str, smoke: bool, dtype: torch.dtype, shape_only: bool = False) -> SimpleNamespace:
+    """Queries, caches (K/V, bf16/fp32 index keys and their FP8 form), gates and filled lengths; with
+    ``shape_only``, the sizes alone."""
     b, s, hq, hkv, d, h_i, d_i, topk = (
         (2, 300, 8, 2, 16, 4, 16, 16) if smoke else (8, 131072, 32, 4, 128, 4, 128, 2048)
     )
+    if shape_only:
+        return SimpleNamespace(b=b, s=s, hq=hq, hkv=hkv, d=d, h_i=h_i, d_i=d_i, topk=topk)
     cap = s + 256
     q = torch.randn(b, 1, hq, d, device=dev, dtype=dtype)
     k = torch.randn(b, cap, hkv, d, device=dev, dtype=dtype)
@@ -30,6 +33,22 @@ def decode_case(dev: str, smoke: bool, dtype: torch.dtype) -> SimpleNamespace:
     lengths = torch.full((b,), s, dtype=torch.int32, device=dev)
     return SimpleNamespace(b=b, s=s, topk=topk, q=q, k=k, v=v, qi=qi, ki=ki, w=w, k8=k8, k_scale=k_scale,
                            lengths=lengths)  # fmt: skip
+
+
+def fill_static_cache(cache, length: int) -> None:
+    """Random K, V and index keys (FP8: quantized, with their scales) in every layer of a
+    ``StaticDSACache`` whose buffers exist, filled to ``length`` tokens: a long cache without a prefill."""
+    for state in cache.layers.values():
+        for name in ("k", "v"):
+            state[name].normal_()
+        if "k_index" in state:
+            keys = torch.randn(state["k_index"].shape, device=state["k"].device, dtype=state["k"].dtype)
+            if "k_index_scale" in state:
+                state["k_index"], state["k_index_scale"] = quantize_index_keys(keys)  # same shapes
+            else:
+                state["k_index"].copy_(keys)
+        state["length"].fill_(length)
+        state["lengths"].fill_(length)
 
 
 def graphed(fn):

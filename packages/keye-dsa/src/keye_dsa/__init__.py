@@ -3,12 +3,13 @@
 Ops (autograd-aware, Triton on CUDA, PyTorch reference elsewhere; ``KEYE_DSA_IMPL`` forces either):
 ``sparse_attention``, ``sparse_attention_varlen``, ``indexer_scores``, ``select_topk``,
 ``select_topk_decode`` (static cache, CUDA-graph replayable), ``indexer_kl_loss``. Modules:
-``LightningIndexer``, ``DSAttention`` (with ``DSACache``). Training stages: ``set_dsa_mode``. Hugging
-Face models: ``patch_model`` / ``unpatch_model`` (extra ``hf``).
+``LightningIndexer``, ``DSAttention`` (with ``DSACache``, or ``StaticDSACache`` for CUDA graphs).
+Training stages: ``set_dsa_mode``. Hugging Face models: ``patch_model`` / ``unpatch_model`` (extra
+``hf``).
 """
 
 from keye_dsa.modules.attention import DSAttention
-from keye_dsa.modules.cache import DSACache
+from keye_dsa.modules.cache import DSACache, StaticDSACache
 from keye_dsa.modules.indexer import LightningIndexer, set_dsa_mode
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
 from keye_dsa.ops.indexer_topk import indexer_scores, select_topk
@@ -36,6 +37,7 @@ __all__ = [
     "DSACache",
     "DSAttention",
     "LightningIndexer",
+    "StaticDSACache",
     "indexer_kl_loss",
     "indexer_scores",
     "patch_model",

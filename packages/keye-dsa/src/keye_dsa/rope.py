@@ -7,6 +7,8 @@ by its own row of ``position_ids [3, B, T]``. The decoder's ``mrope_section`` is
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -38,9 +40,14 @@ def rope_cos_sin(
     if position_ids.dim() == 2:
         freqs = position_ids.double()[..., None] * inv_freq
     elif position_ids.dim() == 3 and position_ids.shape[0] == 3:
-        if sections is None:
-            raise ValueError("3-D (M-RoPE) position_ids need mrope sections")
-        axis = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(sections, device=device))
+        if sections is None or len(sections) != 3 or sum(sections) != dim // 2:
+            raise ValueError(
+                f"3-D (M-RoPE) position_ids need 3 mrope sections summing to {dim // 2}; got {sections}"
+            )
+        # each frequency's axis (0, 1, 2), from host ints only: no host-to-device copy (CUDA graphs)
+        bounds = itertools.accumulate(sections[:2])
+        freq = torch.arange(dim // 2, device=device)
+        axis = sum((freq >= b).long() for b in bounds)
         all_freqs = position_ids.double()[..., None] * inv_freq  # [3, B, T, dim/2]
         freqs = all_freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *all_freqs.shape[1:]))[0]
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from keye_dsa.modules.cache import DSACache
+from keye_dsa.modules.cache import DSACache, StaticDSACache
 from keye_dsa.modules.core import dsa_forward
 from keye_dsa.modules.indexer import LightningIndexer
 from keye_dsa.rope import apply_rope, rope_cos_sin
@@ -15,7 +15,8 @@ class DSAttention(nn.Module):
     """Qwen3-style GQA (q/k/v/o projections, per-head q/k RMSNorm, RoPE or M-RoPE) routed through DSA.
 
     The indexer lives at ``sa_indexer`` (the released Keye name). Pass a ``DSACache`` to decode or to
-    prefill in chunks: each call appends its keys, and its queries are the newest tokens.
+    prefill in chunks: each call appends its keys, and its queries are the newest tokens. With a
+    ``StaticDSACache`` a decode step has fixed shapes and no host sync: a CUDA graph can capture it.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class DSAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         *,
-        cache: DSACache | None = None,
+        cache: DSACache | StaticDSACache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
         aux_losses: dict | None = None,
@@ -70,8 +71,11 @@ class DSAttention(nn.Module):
         (default: continuing the cache); ``key_padding_mask`` covers cached and new keys."""
         batch, t, _ = hidden_states.shape
         if position_ids is None:
-            past = cache.seq_len(self.layer_idx) if cache is not None else 0
-            position_ids = torch.arange(past, past + t, device=hidden_states.device).expand(batch, t)
+            position_ids = (
+                torch.arange(t, device=hidden_states.device).expand(batch, t)
+                if cache is None
+                else cache.next_positions(self.layer_idx, batch, t, hidden_states.device)
+            )
         d = self.head_dim
         q = self.q_norm(self.q_proj(hidden_states).view(batch, t, self.num_heads, d))
         k = self.k_norm(self.k_proj(hidden_states).view(batch, t, self.num_kv_heads, d))

@@ -12,8 +12,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from keye_dsa.modules.cache import append_rows
-from keye_dsa.modules.indexer import LightningIndexer
+from keye_dsa.modules.cache import append_rows, write_rows
+from keye_dsa.modules.indexer import DECODE_ROWS, LightningIndexer
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
 from keye_dsa.ops.sparse_attention import sparse_attention, sparse_attention_varlen
@@ -43,8 +43,12 @@ def dense_attention(
     scale: float,
     key_start: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention on ``[B,T,H,D]`` (queries are the last ``Tq`` keys), via SDPA."""
+    """Causal GQA attention on ``[B,T,H,D]`` (queries are the last ``Tq`` keys), via SDPA.
+
+    ``lengths [B]`` (a static cache): only the first ``lengths[b]`` keys are filled, and the queries are
+    the last ``Tq`` of those; the mask is built on the device."""
     if cu_seqlens is not None:
         out = torch.empty_like(q)
         bounds = [int(x) for x in cu_seqlens.tolist()]
@@ -54,12 +58,13 @@ def dense_attention(
         return out
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     tq, tk = q.shape[1], k.shape[1]
-    if key_start is None and tq == tk:
+    if key_start is None and lengths is None and tq == tk:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     else:
         pos = torch.arange(tk, device=q.device)
-        mask = pos[None, :] <= torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-        mask = mask[None, None]
+        last = torch.arange(tq, device=q.device)[:, None] - tq  # [Tq, 1]: each query's last key, from the end
+        last = last + tk if lengths is None else last + lengths.to(q.device)[:, None, None]
+        mask = (pos <= last)[:, None] if lengths is not None else (pos <= last)[None, None]
         if key_start is not None:
             mask = mask & (pos >= key_start.to(q.device)[:, None])[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)  # padding queries see everything; never used
@@ -82,28 +87,49 @@ def dsa_forward(
     key_padding_mask: torch.Tensor | None = None,
     aux_losses: dict | None = None,
 ) -> torch.Tensor:
-    """DSA attention output ``[B,Tq,Hq,D]``; ``index_cache`` (a dict) keeps the index keys for decoding."""
+    """DSA attention output ``[B,Tq,Hq,D]``; ``index_cache`` (a dict) keeps the index keys for decoding.
+
+    A ``StaticDSACache`` layer (``index_cache["static"]``) gives ``k``, ``v`` and the index keys at full
+    capacity with the filled length on the device: up to ``DECODE_ROWS`` new tokens are attended without a
+    host sync (a CUDA graph can capture the step); a longer chunk reads the length and runs on the filled
+    rows, as with ``DSACache``."""
     key_start = left_padding_starts(key_padding_mask)
+    static = index_cache is not None and index_cache.get("static", False)
+    lengths = None
+    if static:
+        if key_start is None:
+            key_start = index_cache["key_start"]
+        if q.shape[1] <= DECODE_ROWS:
+            lengths = index_cache["lengths"]
+        else:  # a prefill chunk: the filled rows, by a host read of the length
+            n = _host_length(index_cache)
+            k, v = k[:, :n], v[:, :n]
     if indexer.mode == "off":
-        return dense_attention(q, k, v, scale, key_start, cu_seqlens)
+        return dense_attention(q, k, v, scale, key_start, cu_seqlens, lengths)
     # The indexer learns only from its KL: its input is detached so the LM loss never reaches it.
     q_index, k_index, weights = indexer(hidden_states.detach(), position_ids, rope)
     k_all, k_scale = extend_index_cache(index_cache, k_index)
+    if static and lengths is None:
+        k_all, k_scale = k_all[:, : k.shape[1]], None if k_scale is None else k_scale[:, : k.shape[1]]
     if k_all.shape[1] != k.shape[1]:
         raise ValueError(
             f"the index-key cache holds {k_all.shape[1]} keys but k holds {k.shape[1]}: "
             "the DSA cache and the decoder's KV cache are out of step"
         )
     want_kl = aux_losses is not None and indexer.training and torch.is_grad_enabled()
-    kl_keys = k_all if k_scale is None else dequantize_index_keys(k_all, k_scale, q_index.dtype)
+    # dequantized only for the loss: a decode step must not copy the whole FP8 cache
+    kl_keys = (
+        k_all if k_scale is None or not want_kl else dequantize_index_keys(k_all, k_scale, q_index.dtype)
+    )
     if indexer.mode == "dense_warmup":
-        out = dense_attention(q, k, v, scale, key_start, cu_seqlens)
+        out = dense_attention(q, k, v, scale, key_start, cu_seqlens, lengths)
         if want_kl:
             _add_kl(aux_losses, q, k, q_index, kl_keys, weights, None, scale, key_start, cu_seqlens)
         return out
     indices = indexer.select(
-        q_index, k_all, weights, key_start=key_start, cu_seqlens=cu_seqlens, k_scale=k_scale
-    )
+        q_index, k_all, weights, key_start=key_start, cu_seqlens=cu_seqlens, k_scale=k_scale,
+        lengths=lengths,
+    )  # fmt: skip
     if cu_seqlens is not None:
         out = sparse_attention_varlen(q[0], k[0], v[0], indices[0], cu_seqlens, scale=scale)[None]
     else:
@@ -121,12 +147,21 @@ def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor):
     if index_cache is None:
         return k_index, None
     capacity = index_cache.get("capacity", 0)
+    append = write_rows if index_cache.get("static", False) else append_rows
     if index_cache.get("index_dtype") != torch.float8_e4m3fn:
-        return append_rows(index_cache, "k_index", k_index, capacity), None
+        return append(index_cache, "k_index", k_index, capacity), None
     k8, scale = quantize_index_keys(k_index.detach())
-    return append_rows(index_cache, "k_index", k8, capacity), append_rows(
-        index_cache, "k_index_scale", scale, capacity
-    )
+    return append(index_cache, "k_index", k8, capacity), append(index_cache, "k_index_scale", scale, capacity)
+
+
+def _host_length(index_cache: dict) -> int:
+    """The filled length of a static cache's layer, read on the host (a sync: refused while capturing)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"a StaticDSACache forward of more than {DECODE_ROWS} tokens reads the cache length on the "
+            "host and cannot be captured in a CUDA graph: capture decode steps, prefill eagerly"
+        )
+    return int(index_cache["length"])
 
 
 def _add_kl(aux_losses, q, k, q_index, k_index, weights, indices, scale, key_start, cu_seqlens):

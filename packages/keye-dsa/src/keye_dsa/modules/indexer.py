@@ -115,15 +115,21 @@ class LightningIndexer(nn.Module):
         key_start: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         k_scale: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Top-k key indices (int32, -1 padded); no scoring when no query sees more than top-k keys.
 
         A few queries (decoding) take ``select_topk_decode``'s kernels; ``k_scale [B,S]`` marks FP8 keys
-        (``DSACache(index_dtype=torch.float8_e4m3fn)``), which longer chunks score dequantized."""
+        (``DSACache(index_dtype=torch.float8_e4m3fn)``), which longer chunks score dequantized.
+        ``lengths [B]`` (device): only that many of ``k_index``'s rows are filled (``StaticDSACache``;
+        up to ``DECODE_ROWS`` queries)."""
         with torch.no_grad():
             batch, t = q_index.shape[:2]
+            if lengths is not None and (cu_seqlens is not None or t > DECODE_ROWS):
+                raise ValueError(f"lengths is for up to {DECODE_ROWS} queries per row, without cu_seqlens")
             if cu_seqlens is None and t <= DECODE_ROWS:
-                lengths = torch.full((batch,), k_index.shape[1], dtype=torch.int32, device=q_index.device)
+                if lengths is None:
+                    lengths = torch.full((batch,), k_index.shape[1], dtype=torch.int32, device=q_index.device)
                 return select_topk_decode(
                     q_index, k_index, weights, self.topk, lengths, key_start=key_start, k_scale=k_scale,
                     validate=False,
