@@ -49,6 +49,24 @@ def test_full_topk_gives_the_same_logits_and_generations(force_impl, impl):
         unpatch_model(model)
 
 
+@pytest.mark.parametrize(
+    ("impl", "prompt"), [("reference", 11), ("triton", 11), ("reference", 20), ("triton", 20)]
+)
+def test_static_cache_generates_as_the_dynamic_cache(force_impl, impl, prompt):
+    """``generate(cache_implementation="static")``: the index keys ride on transformers' static layers
+    (rows and length from their device-side length), with left padding, top-k below the length, a prompt
+    that prefills on the device path (<= 16 tokens) or the host path."""
+    force_impl(impl)
+    model = patch_model(_tiny_qwen3(), topk=3, num_heads=2, head_dim=8)
+    ids = torch.randint(0, 97, (2, prompt), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, prompt, dtype=torch.long)
+    mask[0, :3] = 0
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+    dynamic = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), dynamic)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), dynamic)  # a fresh cache
+
+
 def test_warmup_trains_only_the_indexer_and_its_loss_falls(force_impl):
     force_impl("reference")
     model = _tiny_qwen3(seed=2)

@@ -9,6 +9,8 @@ Needs the ``hf`` extra (transformers).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -40,7 +42,9 @@ def _capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
     state = getattr(module, _STATE)
     state["hidden_states"] = args[0] if args else kwargs["hidden_states"]
     state["position_embeddings"] = args[1] if len(args) > 1 else kwargs.get("position_embeddings")
-    state["caching"] = any(kwargs.get(n) is not None for n in ("cache", "past_key_values", "past_key_value"))
+    caches = [kwargs.get(n) for n in ("cache", "past_key_values", "past_key_value")]
+    state["cache"] = next((c for c in caches if c is not None), None)
+    state["caching"] = state["cache"] is not None
 
 
 def _key_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -87,7 +91,12 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     (b, tq), tk = q.shape[:2], k.shape[1]
     index_cache = None
-    if state.get("caching"):
+    key_padding = attention_mask
+    static_layer = _static_layer(state.get("cache"), module.layer_idx)
+    if static_layer is not None:
+        index_cache = _static_index_cache(state, static_layer, b, tq, attention_mask)
+        key_padding = None  # the index cache carries each row's first real key
+    elif state.get("caching"):
         if tk == tq:
             state["index_cache"] = {}
         index_cache = state.get("index_cache")
@@ -96,7 +105,9 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if rope is not None and rope[0].shape[-1] != indexer.head_dim:
         rope = None
     if rope is None and position_ids is None:
-        position_ids = torch.arange(tk - tq, tk, device=q.device).expand(b, tq)
+        position_ids = (
+            torch.arange(tk - tq, tk, device=q.device) if static_layer is None else index_cache["positions"]
+        ).expand(b, tq)
     hidden = state["hidden_states"]
     state["hidden_states"] = state["position_embeddings"] = None
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
@@ -104,7 +115,7 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if cu_seqlens is None:
         out = dsa_forward(
             q, k, v, indexer, hidden, scale=scale, position_ids=position_ids, rope=rope,
-            index_cache=index_cache, key_padding_mask=_key_padding(attention_mask),
+            index_cache=index_cache, key_padding_mask=_key_padding(key_padding),
             aux_losses=state["aux_losses"],
         )  # fmt: skip
         return out, None
@@ -119,6 +130,44 @@ def _hf_dsa_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         cu_seqlens=cu_seqlens, aux_losses=state["aux_losses"],
     )  # fmt: skip
     return out.reshape(b, tq, *out.shape[2:]), None
+
+
+def _static_layer(cache, layer_idx: int):
+    """The layer of a transformers ``StaticCache`` (fixed-size K/V buffers, filled length on the device),
+    or None for any other cache."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    layer = getattr(cache, "layers", None) and cache.layers[layer_idx]
+    if not isinstance(layer, StaticLayer):
+        return None
+    if isinstance(layer, StaticSlidingWindowLayer):
+        raise ValueError("DSA attends over the whole cache: a sliding-window static cache is not supported")
+    return layer
+
+
+def _static_index_cache(state: dict, layer, batch: int, tq: int, attention_mask) -> dict:
+    """The static index-key cache (``StaticDSACache``'s layout) riding on a transformers static layer:
+    this call's rows and the filled length come from the layer's ``cumulative_length`` (already advanced
+    by the K/V update), so both caches stay in step without a host sync, and a reset of the transformers
+    cache resets this one. Each row's first real key is the first one the newest query may see."""
+    index_cache = state.get("index_cache")
+    if index_cache is None or index_cache.get("owner") is None or index_cache["owner"]() is not layer:
+        index_cache = state["index_cache"] = {
+            "static": True, "owner": weakref.ref(layer), "capacity": layer.max_cache_len, "index_dtype": None,
+        }  # fmt: skip
+    length = layer.cumulative_length.reshape(1)
+    index_cache["length"] = length
+    index_cache["lengths"] = length.to(torch.int32).expand(batch).contiguous()
+    index_cache["positions"] = length - tq + torch.arange(tq, device=length.device)
+    key_start = None
+    if attention_mask is not None:
+        allowed = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
+        allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+        key_start = (
+            allowed.to(torch.int32).argmax(-1).to(torch.int32).expand(batch).contiguous()
+        )  # first True
+    index_cache["key_start"] = key_start
+    return index_cache
 
 
 def patch_model(

@@ -68,11 +68,11 @@ def select_topk_decode(
         )
         return _reference_rows(q_index, keys, weights, topk, lengths, key_start)
     dev = q_index.device
-    lengths = lengths.to(device=dev, dtype=torch.int32)
+    lengths = lengths.to(device=dev, dtype=torch.int32).contiguous()  # the kernels index it by row
     q_index, k_cache, weights = (x.contiguous() for x in (q_index, k_cache, weights))
     from keye_dsa.ops.indexer_topk.decode_kernel import decode_topk
 
-    start = None if key_start is None else key_start.to(device=dev, dtype=torch.int32)
+    start = None if key_start is None else key_start.to(device=dev, dtype=torch.int32).contiguous()
     scale = None if k_scale is None else k_scale.to(device=dev, dtype=torch.float32).contiguous()
     return decode_topk(q_index, k_cache, weights, lengths, start, topk, scale)
 
