@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from decode_case import decode_case, fill_static_cache, graph_replay_ms, graphed  # this folder (on sys.path)
 
 from keye_dsa import (
+    DSACache,
     DSAttention,
     StaticDSACache,
     indexer_kl_loss,
@@ -417,8 +418,10 @@ def bench_decode(dev: str, smoke: bool, reps: int) -> None:
 def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
     """A whole ``DSAttention`` layer's decode step (projections, q/k norms, RoPE, the indexer, cache
     writes, top-k, sparse attention, output projection) on a ``StaticDSACache`` filled to 128K at batch 8,
-    against the same layer with its indexer off (dense SDPA over the cache, masked to the filled length
-    on the device), in the same run: what a graph-captured decoder pays per layer and token."""
+    against the same layer with its indexer off, in the same run: on a ``DSACache`` view of exactly the
+    filled keys (SDPA without a mask, so its flash kernel; the replay rewrites one row each time) and
+    on the static cache (SDPA masked to the length on the device). What a graph-captured decoder pays
+    per layer and token."""
     torch.manual_seed(0)
     shape = decode_case(dev, smoke, torch.float32, shape_only=True)
     b, s, hq, hkv, d = shape.b, shape.s, shape.hq, shape.hkv, shape.d
@@ -428,16 +431,23 @@ def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
     ).to(dev, dtype).eval()  # fmt: skip
     x = torch.randn(b, 1, hq * d, device=dev, dtype=dtype)
     label = f"decode layer (batch {b}, {s // 1024}K cache, hidden {hq * d})"
-    dense_ms = dense_idle = None
-    for name, mode, index_dtype in (
-        ("indexer off (dense SDPA)", "off", None), ("DSA", "sparse", None),
-        ("DSA, FP8 index keys", "sparse", torch.float8_e4m3fn),
+    dense = None
+    for name, mode, cache in (
+        ("indexer off, filled keys (dense SDPA)", "off", DSACache(capacity=s + 256)),
+        ("indexer off, static cache (masked SDPA)", "off", StaticDSACache(b, s + 256)),
+        ("DSA", "sparse", StaticDSACache(b, s + 256)),
+        ("DSA, FP8 index keys", "sparse", StaticDSACache(b, s + 256, index_dtype=torch.float8_e4m3fn)),
     ):  # fmt: skip
         attn.sa_indexer.mode = mode
-        cache = StaticDSACache(b, s + 256, index_dtype=index_dtype)
         with torch.no_grad():
-            attn(x, cache=cache)  # allocates the buffers
-            fill_static_cache(cache, s)
+            if isinstance(cache, StaticDSACache):
+                attn(x, cache=cache)  # allocates the buffers
+                fill_static_cache(cache, s)
+            else:
+                # s - 2 keys: the warm-up call and the captured one each append a row, so the replay
+                # (rewriting the captured row) attends over s keys
+                kv = torch.randn(b, s - 2, hkv, d, device=dev, dtype=dtype)
+                cache.append_kv(0, kv, torch.randn_like(kv))
 
             def step(cache=cache):
                 return attn(x, cache=cache)
@@ -447,11 +457,11 @@ def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
                 continue
             ms, idle = graph_replay_ms(graphed(step), reps)
         extra = {"idle_gpu_ms": idle}
-        if dense_ms is None:
-            dense_ms, dense_idle = ms, idle
+        if dense is None:
+            dense = (ms, idle)
         else:
             extra.update(
-                speedup_vs_dense_layer=dense_ms / ms, speedup_vs_dense_layer_idle_gpu=dense_idle / idle
+                speedup_vs_dense_layer=dense[0] / ms, speedup_vs_dense_layer_idle_gpu=dense[1] / idle
             )
         add(f"{label} {name} graph", s, ms, **extra)
         del cache, step

@@ -58,8 +58,9 @@ def dense_attention(
         return out
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     tq, tk = q.shape[1], k.shape[1]
-    if key_start is None and lengths is None and tq == tk:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    if key_start is None and lengths is None and (tq == tk or tq == 1):
+        # no mask (one new token sees every key): SDPA may take its flash or cuDNN kernels
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=tq > 1, scale=scale, enable_gqa=True)
     else:
         pos = torch.arange(tk, device=q.device)
         last = torch.arange(tq, device=q.device)[:, None] - tq  # [Tq, 1]: each query's last key, from the end
