@@ -166,6 +166,8 @@ class StaticDSACache:
         if "length" not in state:
             state["length"] = torch.zeros(1, dtype=torch.int64, device=device)
             state["lengths"] = torch.zeros(self.batch, dtype=torch.int32, device=device)
+            if self.key_start is not None:  # on the cache's device now: a captured step copies nothing
+                state["key_start"] = self.key_start.to(device)
         return state["length"]
 
 
