@@ -157,15 +157,13 @@ def _static_index_cache(state: dict, layer, batch: int, tq: int, attention_mask)
         }  # fmt: skip
     length = layer.cumulative_length.reshape(1)
     index_cache["length"] = length
-    index_cache["lengths"] = length.to(torch.int32).expand(batch).contiguous()
+    index_cache["lengths"] = length.to(torch.int32).expand(batch)
     index_cache["positions"] = length - tq + torch.arange(tq, device=length.device)
     key_start = None
     if attention_mask is not None:
         allowed = attention_mask[:, 0, -1, :] if attention_mask.dim() == 4 else attention_mask
         allowed = allowed if allowed.dtype == torch.bool else allowed == 0
-        key_start = (
-            allowed.to(torch.int32).argmax(-1).to(torch.int32).expand(batch).contiguous()
-        )  # first True
+        key_start = allowed.to(torch.int32).argmax(-1).to(torch.int32).expand(batch)  # first True
     index_cache["key_start"] = key_start
     return index_cache
 

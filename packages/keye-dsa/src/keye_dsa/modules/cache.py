@@ -116,12 +116,11 @@ class StaticDSACache:
     def layer(self, layer_idx: int) -> dict:
         """The state of one layer: the full ``"k"``, ``"v"`` ``[B,capacity,Hkv,D]``, ``"k_index"``
         ``[B,capacity,DI]`` (FP8: and ``"k_index_scale"``), ``"length"`` (int64 ``[1]``, on the device),
-        ``"lengths"`` (int32 ``[B]``, the same), ``"positions"`` (the rows the last forward wrote)."""
+        ``"lengths"`` (int32 ``[B]``, the same), ``"positions"`` (the rows the last forward wrote),
+        ``"key_start"`` (on the device, or None)."""
         return self.layers.setdefault(
-            layer_idx,
-            {"index_dtype": self.index_dtype, "capacity": self.capacity, "static": True,
-             "key_start": self.key_start},
-        )  # fmt: skip
+            layer_idx, {"index_dtype": self.index_dtype, "capacity": self.capacity, "static": True}
+        )
 
     def next_positions(self, layer_idx: int, batch: int, t: int, device: torch.device) -> torch.Tensor:
         """Positions ``[B,T]`` of the next ``t`` tokens, computed on the device."""
@@ -166,8 +165,8 @@ class StaticDSACache:
         if "length" not in state:
             state["length"] = torch.zeros(1, dtype=torch.int64, device=device)
             state["lengths"] = torch.zeros(self.batch, dtype=torch.int32, device=device)
-            if self.key_start is not None:  # on the cache's device now: a captured step copies nothing
-                state["key_start"] = self.key_start.to(device)
+            # on the cache's device from the first write: a captured step copies nothing
+            state["key_start"] = None if self.key_start is None else self.key_start.to(device)
         return state["length"]
 
 

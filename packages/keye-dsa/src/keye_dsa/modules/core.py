@@ -63,9 +63,8 @@ def dense_attention(
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=tq > 1, scale=scale, enable_gqa=True)
     else:
         pos = torch.arange(tk, device=q.device)
-        last = torch.arange(tq, device=q.device)[:, None] - tq  # [Tq, 1]: each query's last key, from the end
-        last = last + tk if lengths is None else last + lengths.to(q.device)[:, None, None]
-        mask = (pos <= last)[:, None] if lengths is not None else (pos <= last)[None, None]
+        filled = tk if lengths is None else lengths.to(q.device)[:, None, None, None]
+        mask = pos <= torch.arange(tq, device=q.device)[:, None] - tq + filled  # [Tq,Tk] or [B,1,Tq,Tk]
         if key_start is not None:
             mask = mask & (pos >= key_start.to(q.device)[:, None])[:, None, None, :]
             mask = mask | ~mask.any(-1, keepdim=True)  # padding queries see everything; never used
