@@ -41,10 +41,14 @@ from keye_dsa import (
     select_topk_decode,
     sparse_attention,
 )
+from keye_dsa.modules import indexer as indexer_module
+from keye_dsa.ops.index_prologue import index_prologue
+from keye_dsa.ops.index_prologue.reference import index_prologue_reference
 from keye_dsa.ops.indexer_kl.reference import indexer_kl_reference
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
 from keye_dsa.ops.indexer_topk.reference import indexer_scores_reference, select_topk_reference
 from keye_dsa.ops.sparse_attention.reference import sparse_attention_reference
+from keye_dsa.rope import rope_cos_sin
 from keye_dsa.testing import rel_err
 
 RESULTS: dict = {"meta": {}, "ceilings": {}, "correctness": [], "timings": [], "errors": []}
@@ -158,6 +162,34 @@ def correctness(dev: str, smoke: bool) -> None:
         record_check(f"indexer_kl {stage} loss", rel_err(got, want), 1e-4)
         for name, a, b_ in zip(("q_index", "k_index", "weights"), g1, g2):
             record_check(f"indexer_kl {stage} grad {name}", rel_err(a, b_), 1e-3)
+    prologue_checks(dev, smoke)
+
+
+def prologue_checks(dev: str, smoke: bool) -> None:
+    """The indexer prologue kernel against its reference: a decode step's batch and a prefill chunk,
+    bf16, with FP8 keys and with the Hadamard rotation."""
+    h, di = (2, 16) if smoke else (4, 128)
+    for (b, t), fp8, hadamard in (((8, 1), True, False), ((2, 37 if smoke else 1500), True, True),
+                                  ((8, 1), False, True)):  # fmt: skip
+        q_all = torch.randn(b, t, h * di + h, device=dev, dtype=torch.bfloat16) * 3
+        k = torch.randn(b, t, di, device=dev, dtype=torch.bfloat16)
+        cos, sin = rope_cos_sin(torch.randint(0, 1 << 17, (b, t), device=dev), di, 1e6)
+        norms = [torch.rand(di, device=dev, dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+        inputs = (q_all, k, cos, sin, *norms, torch.randn(di, device=dev, dtype=torch.bfloat16))
+        opts = dict(num_heads=h, q_eps=1e-6, k_eps=1e-6, hadamard=hadamard, fp8_keys=fp8)
+        with torch.no_grad():
+            got = index_prologue(*inputs, **opts)
+            want = index_prologue_reference(*inputs, out_dtype=torch.bfloat16, **opts)
+        name = f"batch {b} x {t}{', FP8 keys' if fp8 else ''}{', Hadamard' if hadamard else ''}"
+        record_check(f"index_prologue q_index {name}", rel_err(got[0], want[0]), 1e-2)
+        record_check(f"index_prologue weights {name}", rel_err(got[2], want[2]), 1e-6)
+        if fp8:
+            deq = dequantize_index_keys(got[1], got[3])
+            record_check(
+                f"index_prologue FP8 keys {name}", rel_err(deq, dequantize_index_keys(*want[1::2])), 2e-2
+            )
+        else:
+            record_check(f"index_prologue k_index {name}", rel_err(got[1], want[1]), 1e-2)
 
 
 def random_indices(t: int, topk: int, dev: str, offset: int = 0) -> torch.Tensor:
@@ -437,8 +469,12 @@ def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
         ("indexer off, static cache (masked SDPA)", "off", StaticDSACache(b, s + 256)),
         ("DSA", "sparse", StaticDSACache(b, s + 256)),
         ("DSA, FP8 index keys", "sparse", StaticDSACache(b, s + 256, index_dtype=torch.float8_e4m3fn)),
+        ("DSA, FP8 index keys, reference prologue", "sparse",
+         StaticDSACache(b, s + 256, index_dtype=torch.float8_e4m3fn)),
     ):  # fmt: skip
         attn.sa_indexer.mode = mode
+        # the last row: the indexer's norms, RoPE and quantization as ~30 PyTorch ops, not one kernel
+        indexer_module.index_prologue = index_prologue_reference if "reference" in name else index_prologue
         with torch.no_grad():
             if isinstance(cache, StaticDSACache):
                 attn(x, cache=cache)  # allocates the buffers
@@ -466,6 +502,32 @@ def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
         add(f"{label} {name} graph", s, ms, **extra)
         del cache, step
         torch.cuda.empty_cache()
+    indexer_module.index_prologue = index_prologue
+
+
+def bench_prologue(dev: str, smoke: bool, reps: int) -> None:
+    """The indexer prologue of a decode step (batch 8: norms, RoPE, FP8 quantization of the key), graphed:
+    the kernel against the reference's PyTorch ops, in the same run."""
+    b, h, di = 8, (2 if smoke else 4), (16 if smoke else 128)
+    q_all = torch.randn(b, 1, h * di + h, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, 1, di, device=dev, dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.full((b, 1), 100_000, device=dev), di, 1e6)
+    norms = [torch.ones(di, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    opts = dict(num_heads=h, q_eps=1e-6, k_eps=1e-6, fp8_keys=True, out_dtype=torch.bfloat16)
+    ref_ms = None
+    for name, fn in (("reference", index_prologue_reference), ("kernel", index_prologue)):
+        with torch.no_grad():
+
+            def step(fn=fn):
+                return fn(q_all, k, cos, sin, *norms, **opts)
+
+            if dev != "cuda":
+                add(f"index prologue (batch {b}, FP8 keys) {name} eager", 1, timed(step, reps))
+                continue
+            ms, idle = graph_replay_ms(graphed(step), reps)
+        extra = {"idle_gpu_ms": idle} if ref_ms is None else {"idle_gpu_ms": idle, "speedup": ref_ms / ms}
+        ref_ms = ref_ms or ms
+        add(f"index prologue (batch {b}, FP8 keys) {name} graph", 1, ms, **extra)
 
 
 def sweep_launch(dev: str, t: int = 32768) -> None:
@@ -551,6 +613,7 @@ def main() -> None:
             bench_decode(dev, args.smoke, 1 if args.smoke else 10)
             save(args.out)
             bench_decode_layer(dev, args.smoke, 1 if args.smoke else 10)
+            bench_prologue(dev, args.smoke, 1 if args.smoke else 20)
     except Exception as e:
         RESULTS["errors"].append(f"decode: {type(e).__name__}: {e}")
     save(args.out)

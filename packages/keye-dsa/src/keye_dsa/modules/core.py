@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from keye_dsa.modules.cache import append_rows, write_rows
 from keye_dsa.modules.indexer import DECODE_ROWS, LightningIndexer
 from keye_dsa.ops.indexer_kl import indexer_kl_loss
-from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, quantize_index_keys
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
 from keye_dsa.ops.sparse_attention import sparse_attention, sparse_attention_varlen
 
 
@@ -107,8 +107,11 @@ def dsa_forward(
     if indexer.mode == "off":
         return dense_attention(q, k, v, scale, key_start, cu_seqlens, lengths)
     # The indexer learns only from its KL: its input is detached so the LM loss never reaches it.
-    q_index, k_index, weights = indexer(hidden_states.detach(), position_ids, rope)
-    k_all, k_scale = extend_index_cache(index_cache, k_index)
+    fp8 = index_cache is not None and index_cache.get("index_dtype") == torch.float8_e4m3fn
+    q_index, k_index, weights, k_scale = indexer.project(
+        hidden_states.detach(), position_ids, rope, fp8_keys=fp8
+    )
+    k_all, k_scale = extend_index_cache(index_cache, k_index, k_scale)
     if static and lengths is None:
         k_all, k_scale = k_all[:, : k.shape[1]], None if k_scale is None else k_scale[:, : k.shape[1]]
     if k_all.shape[1] != k.shape[1]:
@@ -139,19 +142,23 @@ def dsa_forward(
     return out
 
 
-def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor):
+def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor, k_scale: torch.Tensor | None):
     """Appends this call's index keys to ``index_cache`` (a layer's dict: ``"k_index"``, and with
-    ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``, each in a growing buffer: ``append_rows``);
-    returns every key so far and their scales (``None`` unless FP8). Without FP8 the returned keys keep
-    this call's autograd graph."""
+    ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``, each in a growing buffer: ``append_rows``, or
+    a static cache's: ``write_rows``); returns every key so far and their scales (``None`` unless FP8).
+    FP8 keys come quantized, with ``k_scale`` (``LightningIndexer.project(fp8_keys=True)``). Without FP8
+    the returned keys keep this call's autograd graph."""
     if index_cache is None:
-        return k_index, None
+        return k_index, k_scale
     capacity = index_cache.get("capacity", 0)
     append = write_rows if index_cache.get("static", False) else append_rows
-    if index_cache.get("index_dtype") != torch.float8_e4m3fn:
-        return append(index_cache, "k_index", k_index, capacity), None
-    k8, scale = quantize_index_keys(k_index.detach())
-    return append(index_cache, "k_index", k8, capacity), append(index_cache, "k_index_scale", scale, capacity)
+    if (index_cache.get("index_dtype") == torch.float8_e4m3fn) != (k_scale is not None):
+        raise ValueError(
+            f"the cache keeps index keys as {index_cache.get('index_dtype') or 'the activations'}, but got "
+            f"{k_index.dtype} keys {'with' if k_scale is not None else 'without'} FP8 scales"
+        )
+    keys = append(index_cache, "k_index", k_index, capacity)
+    return keys, None if k_scale is None else append(index_cache, "k_index_scale", k_scale, capacity)
 
 
 def _host_length(index_cache: dict) -> int:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from keye_dsa.hadamard import hadamard_rotate
+from keye_dsa.ops.index_prologue import index_prologue
 from keye_dsa.ops.indexer_topk import select_topk
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, select_topk_decode
-from keye_dsa.rope import apply_rope, rope_cos_sin, scale_sections
+from keye_dsa.rope import rope_cos_sin, scale_sections
 
 MODES = ("off", "dense_warmup", "sparse")
 # Queries per row up to which selection takes the decode kernels (each of their queries streams the keys).
@@ -81,30 +80,34 @@ class LightningIndexer(nn.Module):
         Rotary angles come from ``position_ids`` (``[B,T]`` or ``[3,B,T]``), or ready-made ``rope``
         ``(cos, sin)`` of width ``D`` (e.g. the decoder's own, when its head_dim equals ``D``).
         """
+        q_index, k_index, weights, _ = self.project(hidden_states, position_ids, rope)
+        return q_index, k_index, weights
+
+    def project(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        fp8_keys: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``forward``'s three outputs and the keys' FP8 scales: with ``fp8_keys``, ``k_index`` comes
+        quantized for an FP8 cache (``torch.float8_e4m3fn``) with its ``k_scale [B,T]`` (else ``None``),
+        in the same launch as the norms and RoPE (``index_prologue``)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"hidden_states must be [batch, seq, {self.hidden_size}]; got {tuple(hidden_states.shape)}"
             )
         batch, t, _ = hidden_states.shape
-        h, d = self.num_heads, self.head_dim
-        q_all = self.q_proj(hidden_states)
-        q = q_all[..., : h * d].view(batch, t, h, d)
-        weights = q_all[..., h * d :].float()
-        k = self.k_proj(hidden_states)
-        q = F.rms_norm(q.float(), (d,), self.q_norm.weight.float(), self.q_norm.eps)
-        k = F.layer_norm(
-            k.float(), (d,), self.k_norm.weight.float(), self.k_norm.bias.float(), self.k_norm.eps
-        )
         if rope is None:
             if position_ids is None:
                 position_ids = torch.arange(t, device=hidden_states.device).expand(batch, t)
-            rope = rope_cos_sin(position_ids, d, self.rope_theta, self.sections)
-        cos, sin = (x.float() for x in rope)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.hadamard:
-            q, k = hadamard_rotate(q), hadamard_rotate(k)
-        dtype = hidden_states.dtype
-        return q.to(dtype), k.to(dtype), weights
+            rope = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.sections)
+        return index_prologue(
+            self.q_proj(hidden_states), self.k_proj(hidden_states), *rope, self.q_norm.weight,
+            self.k_norm.weight, self.k_norm.bias, num_heads=self.num_heads, q_eps=_eps(self.q_norm.eps),
+            k_eps=self.k_norm.eps, out_dtype=hidden_states.dtype, hadamard=self.hadamard, fp8_keys=fp8_keys,
+        )  # fmt: skip
 
     def select(
         self,
@@ -142,6 +145,11 @@ class LightningIndexer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, topk={self.topk}, mode={self.mode!r}"
+
+
+def _eps(eps: float | None) -> float:
+    """``nn.RMSNorm``'s epsilon (``None`` means fp32's machine epsilon: the norm runs in fp32)."""
+    return torch.finfo(torch.float32).eps if eps is None else eps
 
 
 def set_dsa_mode(model: nn.Module, mode: str, *, freeze_decoder: bool | None = None) -> int:

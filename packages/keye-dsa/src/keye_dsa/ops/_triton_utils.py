@@ -61,3 +61,28 @@ def softmax_finish(acc, m, l):
     out = acc / tl.where(empty, 1.0, l)[:, None]
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, l))) / 1.4426950408889634)
     return out, lse
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 ``x`` rounded to the nearest bf16 value (ties to even), still as fp32: the cast that follows
+    is then exact on the GPU and under the interpreter, whose own fp32 -> bf16 cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """fp32 ``x`` (``|x| <= 448``) rounded to the nearest FP8 e4m3 value (ties to even), still as fp32, as
+    ``round_to_bf16`` is: the interpreter's fp32 -> e4m3 cast drops the carry of a mantissa that rounds
+    up (126.6 became 64). Normal values keep 3 mantissa bits; below 2**-6 the grid is 2**-9."""
+    bits = x.to(tl.uint32, bitcast=True)
+    normal = (bits & 0x7FFFFFFF) >= 0x3C800000  # |x| >= 2**-6
+    rounded = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    v = tl.abs(x) * 512.0  # exact: subnormals as multiples of 2**-9
+    n = tl.floor(v)
+    odd = (n - 2.0 * tl.floor(n * 0.5)) != 0.0
+    up = ((v - n) > 0.5) | (((v - n) == 0.5) & odd)
+    small = (n + up.to(tl.float32)) * 0.001953125
+    return tl.where(normal, rounded, tl.where(x < 0, -small, small))  # -0.0 stays signed

@@ -1,0 +1,168 @@
+"""``index_prologue``: the Triton kernel equals the reference (norms, RoPE, Hadamard, casts, FP8 keys)."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from keye_dsa import DSAttention, StaticDSACache
+from keye_dsa.ops._triton_utils import round_to_bf16, round_to_e4m3
+from keye_dsa.ops.index_prologue import index_prologue
+from keye_dsa.ops.index_prologue.reference import index_prologue_reference
+from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys
+from keye_dsa.rope import rope_cos_sin
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b, t, h, d, dtype, seed, mrope=False):
+    g = torch.Generator().manual_seed(seed)
+    q_all = torch.randn(b, t, h * d + h, generator=g) * 3
+    k = torch.randn(b, t, d, generator=g) * 2 + 0.5
+    if mrope:  # three position rows, sections over d / 2 frequencies
+        pos = torch.randint(0, 300_000, (3, b, t), generator=g)
+        sec = [d // 4, d // 8, d // 2 - d // 4 - d // 8]
+        cos, sin = rope_cos_sin(pos, d, 1e6, sec)
+    else:
+        cos, sin = rope_cos_sin(torch.randint(0, 300_000, (b, t), generator=g), d, 1e6)
+    norms = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g))
+    tensors = (q_all.to(dtype), k.to(dtype), cos, sin, *(x.to(dtype) for x in norms))
+    return tuple(x.to(DEVICE) for x in tensors)
+
+
+CASES = [  # batch, tokens, heads, dim, hadamard, fp8 keys, M-RoPE
+    (2, 3, 4, 32, False, False, False),
+    (1, 5, 3, 24, False, True, True),  # odd heads, dim not a power of two
+    (2, 2, 4, 16, True, True, False),
+    (3, 1, 4, 128, True, False, True),
+    (4, 1, 4, 128, False, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_reference(force_impl, dtype, case):
+    """fp32: within 1e-5 relative (the kernel's sums run in another order); bf16: identical bits, since
+    both round the same fp32 values once. FP8 keys: identical bytes and scales wherever the kernel's
+    unquantized key equals the reference's (everywhere, for bf16), and within one e4m3 step elsewhere."""
+    b, t, h, d, hadamard, fp8, mrope = case
+    inputs = _inputs(b, t, h, d, dtype, seed=sum(case), mrope=mrope)
+    options = dict(num_heads=h, q_eps=1e-6, k_eps=1e-5, hadamard=hadamard)
+    want = index_prologue_reference(*inputs, out_dtype=dtype, fp8_keys=fp8, **options)
+    force_impl("triton")
+    got = index_prologue(*inputs, fp8_keys=fp8, **options)
+    assert [None if x is None else (x.shape, x.dtype) for x in got] == [
+        None if x is None else (x.shape, x.dtype) for x in want
+    ]
+    assert torch.equal(got[2], want[2]), "gates"
+    plain_got = index_prologue(*inputs, **options)[1]
+    plain_want = index_prologue_reference(*inputs, out_dtype=dtype, **options)[1]
+    for name, g, w in (("q_index", got[0], want[0]), ("k_index", plain_got, plain_want)):
+        if dtype == torch.bfloat16:  # the same fp32 values up to their order of sums: one rounding apart
+            assert (g == w).float().mean() >= 0.99, name
+            assert ((g.float() - w.float()).abs() <= w.float().abs() / 128).all(), name  # one ulp
+        else:
+            assert (g - w).abs().max() <= 1e-5 * w.abs().max(), name
+    if fp8:
+        deq_got, deq_want = dequantize_index_keys(got[1], got[3]), dequantize_index_keys(want[1], want[3])
+        step = torch.maximum(deq_want.abs() / 8, want[3][..., None] / 512)  # one e4m3 step (or subnormal)
+        assert ((deq_got - deq_want).abs() <= step * 1.001).all()
+        # the same quantization: identical scales and bytes wherever the unquantized keys agree
+        same = (plain_got == plain_want).all(-1)
+        assert torch.equal(got[3][same], want[3][same]), "k_scale"
+        assert torch.equal(got[1][same].float(), want[1][same].float()), "FP8 key bytes"
+        if dtype == torch.bfloat16:
+            assert same.float().mean() >= 0.5
+        else:
+            assert ((got[3] - want[3]).abs() <= 1e-5 * want[3]).all(), "k_scale"
+
+
+@triton.jit
+def _round_both(X, E4M3, BF16, N: tl.constexpr):
+    i = tl.arange(0, N)
+    x = tl.load(X + i)
+    tl.store(E4M3 + i, round_to_e4m3(x).to(E4M3.dtype.element_ty))
+    tl.store(BF16 + i, round_to_bf16(x).to(BF16.dtype.element_ty))
+
+
+def test_rounding_helpers_match_torch_casts():
+    """The kernel's roundings give torch's casts (ties to even, carries into the exponent, e4m3's
+    subnormals), which the interpreter's own casts do not."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 14
+    x = torch.cat([(torch.rand(n, generator=g) * 2 - 1) * 448, torch.randn(n, generator=g) * 1e-2])
+    edges = [448.0, -448.0, 0.0, 2**-6, 2**-7, 3 * 2**-10, 5 * 2**-10, 2**-10, 1.0625, 1.1875, 126.6, 2**-9]
+    x = torch.cat([torch.tensor(edges), x])[: 2 * n].to(DEVICE)  # a power of two (tl.arange)
+    e4m3 = torch.empty_like(x, dtype=torch.float8_e4m3fn)
+    bf16 = torch.empty_like(x, dtype=torch.bfloat16)
+    _round_both[(1,)](x, e4m3, bf16, N=x.numel())
+    assert torch.equal(e4m3.float(), x.to(torch.float8_e4m3fn).float())  # -0.0 == 0.0: the interpreter
+    assert torch.equal(bf16, x.to(torch.bfloat16))  # drops the sign of a zero e4m3
+
+
+def test_autograd_takes_the_reference(force_impl):
+    """With gradients wanted the reference runs (the kernel is forward only) and gradients flow."""
+    force_impl("triton")
+    inputs = _inputs(1, 2, 2, 16, torch.float32, seed=0)
+    q_all, k = (x.clone().requires_grad_() for x in inputs[:2])
+    q_i, k_i, w, _ = index_prologue(q_all, k, *inputs[2:], num_heads=2, q_eps=1e-6, k_eps=1e-6)
+    (q_i.square().sum() + k_i.square().sum() + w.sum()).backward()
+    assert q_all.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+    with torch.no_grad():  # the kernel's forward gives the same values
+        fast = index_prologue(*inputs, num_heads=2, q_eps=1e-6, k_eps=1e-6)
+    assert (fast[0] - q_i).abs().max() <= 1e-5 and (fast[1] - k_i).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: {**a, "k": a["k"][..., :-2]}, "q_all.shape"),
+        (lambda a: {**a, "k": a["k"][:, :1]}, "k.shape"),
+        (lambda a: {**a, "q_all": a["q_all"][0]}, "q_all must have rank 3"),
+        (lambda a: {**a, "cos": a["cos"][..., :8]}, "cos must broadcast"),
+        (lambda a: {**a, "k_norm_bias": a["k_norm_bias"][:4]}, "k_norm_bias.shape"),
+        (lambda a: {**a, "k": a["k"].to(torch.int32)}, "k must be a floating tensor"),
+        (lambda a: {**a, "hadamard": True, "num_heads": 2}, None),
+    ],
+)
+def test_bad_inputs_are_named(change, match):
+    names = ("q_all", "k", "cos", "sin", "q_norm_weight", "k_norm_weight", "k_norm_bias")
+    args = dict(zip(names, _inputs(1, 2, 2, 16, torch.float32, seed=1)))
+    args.update(num_heads=2, q_eps=1e-6, k_eps=1e-6)
+    args = change(args)
+    if match is None:  # a valid call: 16 is a power of two
+        index_prologue(**args)
+        return
+    with pytest.raises((ValueError, TypeError), match=match):
+        index_prologue(**args)
+
+
+def test_hadamard_needs_a_power_of_two():
+    names = ("q_all", "k", "cos", "sin", "q_norm_weight", "k_norm_weight", "k_norm_bias")
+    args = dict(zip(names, _inputs(1, 1, 2, 24, torch.float32, seed=2)))
+    with pytest.raises(ValueError, match="power-of-two index_dim"):
+        index_prologue(**args, num_heads=2, q_eps=1e-6, k_eps=1e-6, hadamard=True)
+
+
+def test_decode_step_writes_the_same_cache(force_impl, monkeypatch):
+    """A bf16 DSAttention's prefill and decode steps on an FP8 static cache: with the kernel prologue the
+    cache holds the same index keys and scales, and the steps give the same output, as with the
+    reference prologue (every other op runs the same kernels in both)."""
+    from keye_dsa.modules import indexer as indexer_module
+
+    force_impl("triton")
+    torch.manual_seed(0)
+    attn = DSAttention(64, 4, 2, 16, index_heads=2, index_head_dim=16, topk=8)
+    attn = attn.to(DEVICE, torch.bfloat16).eval()
+    x = torch.randn(2, 20, 64, device=DEVICE, dtype=torch.bfloat16)
+    outs, caches = [], []
+    for prologue in (index_prologue_reference, index_prologue):
+        monkeypatch.setattr(indexer_module, "index_prologue", prologue)
+        cache = StaticDSACache(2, 32, index_dtype=torch.float8_e4m3fn)
+        with torch.no_grad():
+            attn(x[:, :18], cache=cache)
+            outs.append(torch.cat([attn(x[:, i : i + 1], cache=cache) for i in (18, 19)], 1))
+        caches.append(cache.layer(0))
+    assert torch.equal(caches[0]["k_index_scale"], caches[1]["k_index_scale"])
+    assert torch.equal(caches[0]["k_index"].float(), caches[1]["k_index"].float())
+    assert torch.equal(outs[0], outs[1])
