@@ -166,30 +166,43 @@ def correctness(dev: str, smoke: bool) -> None:
 
 
 def prologue_checks(dev: str, smoke: bool) -> None:
-    """The indexer prologue kernel against its reference: a decode step's batch and a prefill chunk,
-    bf16, with FP8 keys and with the Hadamard rotation."""
+    """The indexer prologue kernel against its reference: a decode step's batch and a prefill chunk, bf16
+    and fp32, rotary angles from positions (plain and M-RoPE, up to 256K) or given, FP8 keys, Hadamard.
+    The fp32 rows bound the angles too: with log2(theta) rounded to fp32 they would be off by up to
+    ~6e-3 rad at 256K, a 1e-3 error where 1e-5 is allowed."""
     h, di = (2, 16) if smoke else (4, 128)
-    for (b, t), fp8, hadamard in (((8, 1), True, False), ((2, 37 if smoke else 1500), True, True),
-                                  ((8, 1), False, True)):  # fmt: skip
-        q_all = torch.randn(b, t, h * di + h, device=dev, dtype=torch.bfloat16) * 3
-        k = torch.randn(b, t, di, device=dev, dtype=torch.bfloat16)
-        cos, sin = rope_cos_sin(torch.randint(0, 1 << 17, (b, t), device=dev), di, 1e6)
-        norms = [torch.rand(di, device=dev, dtype=torch.bfloat16) + 0.5 for _ in range(2)]
-        inputs = (q_all, k, cos, sin, *norms, torch.randn(di, device=dev, dtype=torch.bfloat16))
-        opts = dict(num_heads=h, q_eps=1e-6, k_eps=1e-6, hadamard=hadamard, fp8_keys=fp8)
+    sections = [di // 8, di // 8 * 3 // 2, di // 2 - di // 8 - di // 8 * 3 // 2]
+    for (b, t), dtype, fp8, hadamard, rotation in (
+        ((8, 1), torch.bfloat16, True, False, "positions"),
+        ((8, 1), torch.float32, False, False, "positions"),
+        ((2, 37 if smoke else 1500), torch.bfloat16, True, True, "mrope"),
+        ((2, 37 if smoke else 1500), torch.float32, False, False, "mrope"),
+        ((8, 1), torch.bfloat16, False, True, "cos_sin"),
+    ):
+        lim = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        q_all = torch.randn(b, t, h * di + h, device=dev, dtype=dtype) * 3
+        k = torch.randn(b, t, di, device=dev, dtype=dtype)
+        pos = torch.randint(0, 1 << 18, (3, b, t) if rotation == "mrope" else (b, t), device=dev)
+        rotary = (
+            dict(rope=rope_cos_sin(pos, di, 1e6))
+            if rotation == "cos_sin"
+            else dict(position_ids=pos, rope_theta=1e6, sections=sections if rotation == "mrope" else None)
+        )
+        norms = [torch.rand(di, device=dev, dtype=dtype) + 0.5 for _ in range(2)]
+        inputs = (q_all, k, *norms, torch.randn(di, device=dev, dtype=dtype))
+        opts = dict(num_heads=h, q_eps=1e-6, k_eps=1e-6, hadamard=hadamard, fp8_keys=fp8, **rotary)
         with torch.no_grad():
             got = index_prologue(*inputs, **opts)
-            want = index_prologue_reference(*inputs, out_dtype=torch.bfloat16, **opts)
-        name = f"batch {b} x {t}{', FP8 keys' if fp8 else ''}{', Hadamard' if hadamard else ''}"
-        record_check(f"index_prologue q_index {name}", rel_err(got[0], want[0]), 1e-2)
+            want = index_prologue_reference(*inputs, out_dtype=dtype, **opts)
+        extras = (", FP8 keys" if fp8 else "") + (", Hadamard" if hadamard else "")
+        name = f"{str(dtype)[6:]} {b} x {t}, {rotation}{extras}"
+        record_check(f"index_prologue q_index {name}", rel_err(got[0], want[0]), lim)
         record_check(f"index_prologue weights {name}", rel_err(got[2], want[2]), 1e-6)
         if fp8:
-            deq = dequantize_index_keys(got[1], got[3])
-            record_check(
-                f"index_prologue FP8 keys {name}", rel_err(deq, dequantize_index_keys(*want[1::2])), 2e-2
-            )
+            deq, deq_ref = dequantize_index_keys(got[1], got[3]), dequantize_index_keys(want[1], want[3])
+            record_check(f"index_prologue FP8 keys {name}", rel_err(deq, deq_ref), 2e-2)
         else:
-            record_check(f"index_prologue k_index {name}", rel_err(got[1], want[1]), 1e-2)
+            record_check(f"index_prologue k_index {name}", rel_err(got[1], want[1]), lim)
 
 
 def random_indices(t: int, topk: int, dev: str, offset: int = 0) -> torch.Tensor:
@@ -506,20 +519,23 @@ def bench_decode_layer(dev: str, smoke: bool, reps: int) -> None:
 
 
 def bench_prologue(dev: str, smoke: bool, reps: int) -> None:
-    """The indexer prologue of a decode step (batch 8: norms, RoPE, FP8 quantization of the key), graphed:
-    the kernel against the reference's PyTorch ops, in the same run."""
+    """The indexer prologue of a decode step (batch 8: norms, rotary angles from positions and RoPE, FP8
+    quantization of the key), graphed: the kernel against the reference's PyTorch ops, in the same run."""
     b, h, di = 8, (2 if smoke else 4), (16 if smoke else 128)
     q_all = torch.randn(b, 1, h * di + h, device=dev, dtype=torch.bfloat16)
     k = torch.randn(b, 1, di, device=dev, dtype=torch.bfloat16)
-    cos, sin = rope_cos_sin(torch.full((b, 1), 100_000, device=dev), di, 1e6)
+    pos = torch.full((b, 1), 100_000, device=dev)
     norms = [torch.ones(di, device=dev, dtype=torch.bfloat16) for _ in range(3)]
-    opts = dict(num_heads=h, q_eps=1e-6, k_eps=1e-6, fp8_keys=True, out_dtype=torch.bfloat16)
+    opts = dict(
+        num_heads=h, q_eps=1e-6, k_eps=1e-6, fp8_keys=True, out_dtype=torch.bfloat16, position_ids=pos,
+        rope_theta=1e6,
+    )  # fmt: skip
     ref_ms = None
     for name, fn in (("reference", index_prologue_reference), ("kernel", index_prologue)):
         with torch.no_grad():
 
             def step(fn=fn):
-                return fn(q_all, k, cos, sin, *norms, **opts)
+                return fn(q_all, k, *norms, **opts)
 
             if dev != "cuda":
                 add(f"index prologue (batch {b}, FP8 keys) {name} eager", 1, timed(step, reps))

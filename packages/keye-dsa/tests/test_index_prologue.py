@@ -15,27 +15,31 @@ from keye_dsa.rope import rope_cos_sin
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(b, t, h, d, dtype, seed, mrope=False):
+def _inputs(b, t, h, d, dtype, seed, rotation="positions"):
+    """``(q_all, k, q_norm_weight, k_norm_weight, k_norm_bias)`` and the rotation's keywords:
+    ``"positions"`` ``[B,T]``, ``"mrope"`` ``[3,B,T]`` with sections, or ``"cos_sin"`` ready-made."""
     g = torch.Generator().manual_seed(seed)
     q_all = torch.randn(b, t, h * d + h, generator=g) * 3
     k = torch.randn(b, t, d, generator=g) * 2 + 0.5
-    if mrope:  # three position rows, sections over d / 2 frequencies
-        pos = torch.randint(0, 300_000, (3, b, t), generator=g)
-        sec = [d // 4, d // 8, d // 2 - d // 4 - d // 8]
-        cos, sin = rope_cos_sin(pos, d, 1e6, sec)
-    else:
-        cos, sin = rope_cos_sin(torch.randint(0, 300_000, (b, t), generator=g), d, 1e6)
     norms = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g))
-    tensors = (q_all.to(dtype), k.to(dtype), cos, sin, *(x.to(dtype) for x in norms))
-    return tuple(x.to(DEVICE) for x in tensors)
+    tensors = tuple(x.to(dtype).to(DEVICE) for x in (q_all, k, *norms))
+    if rotation == "mrope":  # three position rows, sections over d / 2 frequencies
+        sec = [d // 4, d // 8, d // 2 - d // 4 - d // 8]
+        pos = torch.randint(0, 300_000, (3, b, t), generator=g).to(DEVICE)
+        return tensors, dict(position_ids=pos, rope_theta=1e6, sections=sec)
+    pos = torch.randint(0, 300_000, (b, t), generator=g).to(DEVICE)
+    if rotation == "cos_sin":
+        return tensors, dict(rope=rope_cos_sin(pos, d, 5e5))
+    return tensors, dict(position_ids=pos, rope_theta=1e6)
 
 
-CASES = [  # batch, tokens, heads, dim, hadamard, fp8 keys, M-RoPE
-    (2, 3, 4, 32, False, False, False),
-    (1, 5, 3, 24, False, True, True),  # odd heads, dim not a power of two
-    (2, 2, 4, 16, True, True, False),
-    (3, 1, 4, 128, True, False, True),
-    (4, 1, 4, 128, False, True, False),
+CASES = [  # batch, tokens, heads, dim, hadamard, fp8 keys, rotation
+    (2, 3, 4, 32, False, False, "positions"),
+    (1, 5, 3, 24, False, True, "mrope"),  # odd heads, dim not a power of two
+    (2, 2, 4, 16, True, True, "cos_sin"),
+    (3, 1, 4, 128, True, False, "mrope"),
+    (4, 1, 4, 128, False, True, "positions"),
+    (2, 2, 2, 64, False, False, "cos_sin"),
 ]
 
 
@@ -45,9 +49,9 @@ def test_kernel_equals_reference(force_impl, dtype, case):
     """fp32: within 1e-5 relative (the kernel's sums run in another order); bf16: identical bits, since
     both round the same fp32 values once. FP8 keys: identical bytes and scales wherever the kernel's
     unquantized key equals the reference's (everywhere, for bf16), and within one e4m3 step elsewhere."""
-    b, t, h, d, hadamard, fp8, mrope = case
-    inputs = _inputs(b, t, h, d, dtype, seed=sum(case), mrope=mrope)
-    options = dict(num_heads=h, q_eps=1e-6, k_eps=1e-5, hadamard=hadamard)
+    b, t, h, d, hadamard, fp8, rotation = case
+    inputs, rotary = _inputs(b, t, h, d, dtype, seed=b * t * h + d, rotation=rotation)
+    options = dict(num_heads=h, q_eps=1e-6, k_eps=1e-5, hadamard=hadamard, **rotary)
     want = index_prologue_reference(*inputs, out_dtype=dtype, fp8_keys=fp8, **options)
     force_impl("triton")
     got = index_prologue(*inputs, fp8_keys=fp8, **options)
@@ -103,14 +107,25 @@ def test_rounding_helpers_match_torch_casts():
 def test_autograd_takes_the_reference(force_impl):
     """With gradients wanted the reference runs (the kernel is forward only) and gradients flow."""
     force_impl("triton")
-    inputs = _inputs(1, 2, 2, 16, torch.float32, seed=0)
+    inputs, rotary = _inputs(1, 2, 2, 16, torch.float32, seed=0)
+    opts = dict(num_heads=2, q_eps=1e-6, k_eps=1e-6, **rotary)
     q_all, k = (x.clone().requires_grad_() for x in inputs[:2])
-    q_i, k_i, w, _ = index_prologue(q_all, k, *inputs[2:], num_heads=2, q_eps=1e-6, k_eps=1e-6)
+    q_i, k_i, w, _ = index_prologue(q_all, k, *inputs[2:], **opts)
     (q_i.square().sum() + k_i.square().sum() + w.sum()).backward()
     assert q_all.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
     with torch.no_grad():  # the kernel's forward gives the same values
-        fast = index_prologue(*inputs, num_heads=2, q_eps=1e-6, k_eps=1e-6)
+        fast = index_prologue(*inputs, **opts)
     assert (fast[0] - q_i).abs().max() <= 1e-5 and (fast[1] - k_i).abs().max() <= 1e-5
+
+
+def _valid_args(d=16, rotation="cos_sin"):
+    names = ("q_all", "k", "q_norm_weight", "k_norm_weight", "k_norm_bias")
+    tensors, rotary = _inputs(1, 2, 2, d, torch.float32, seed=1, rotation=rotation)
+    return dict(zip(names, tensors), num_heads=2, q_eps=1e-6, k_eps=1e-6, **rotary)
+
+
+def _with_positions(args, shape):
+    return {**args, "rope": None, "position_ids": torch.zeros(shape, dtype=torch.long), "rope_theta": 1e4}
 
 
 @pytest.mark.parametrize(
@@ -119,18 +134,22 @@ def test_autograd_takes_the_reference(force_impl):
         (lambda a: {**a, "k": a["k"][..., :-2]}, "q_all.shape"),
         (lambda a: {**a, "k": a["k"][:, :1]}, "k.shape"),
         (lambda a: {**a, "q_all": a["q_all"][0]}, "q_all must have rank 3"),
-        (lambda a: {**a, "cos": a["cos"][..., :8]}, "cos must broadcast"),
+        (lambda a: {**a, "rope": tuple(x[..., :8] for x in a["rope"])}, "cos must broadcast"),
+        (lambda a: {**a, "rope": (a["rope"][0], a["rope"][1][None])}, "sin must broadcast"),
         (lambda a: {**a, "k_norm_bias": a["k_norm_bias"][:4]}, "k_norm_bias.shape"),
         (lambda a: {**a, "k": a["k"].to(torch.int32)}, "k must be a floating tensor"),
-        (lambda a: {**a, "hadamard": True, "num_heads": 2}, None),
+        (lambda a: {**a, "position_ids": torch.zeros(1, 2, dtype=torch.long)}, "not both"),
+        (lambda a: {**a, "rope": None}, "not both"),
+        (lambda a: _with_positions(a, (1, 3)), "position_ids must be integer"),
+        (lambda a: _with_positions(a, (3, 1, 2)), "3 mrope sections"),
+        (lambda a: {**a, "rope": None, "position_ids": torch.zeros(1, 2, dtype=torch.long)}, "rope_theta"),
+        (lambda a: {**a, "hadamard": True}, None),  # valid: 16 is a power of two
     ],
 )
 def test_bad_inputs_are_named(change, match):
-    names = ("q_all", "k", "cos", "sin", "q_norm_weight", "k_norm_weight", "k_norm_bias")
-    args = dict(zip(names, _inputs(1, 2, 2, 16, torch.float32, seed=1)))
-    args.update(num_heads=2, q_eps=1e-6, k_eps=1e-6)
-    args = change(args)
-    if match is None:  # a valid call: 16 is a power of two
+    args = change(_valid_args())
+    args = {n: x.to(DEVICE) if isinstance(x, torch.Tensor) else x for n, x in args.items()}
+    if match is None:
         index_prologue(**args)
         return
     with pytest.raises((ValueError, TypeError), match=match):
@@ -138,10 +157,8 @@ def test_bad_inputs_are_named(change, match):
 
 
 def test_hadamard_needs_a_power_of_two():
-    names = ("q_all", "k", "cos", "sin", "q_norm_weight", "k_norm_weight", "k_norm_bias")
-    args = dict(zip(names, _inputs(1, 1, 2, 24, torch.float32, seed=2)))
     with pytest.raises(ValueError, match="power-of-two index_dim"):
-        index_prologue(**args, num_heads=2, q_eps=1e-6, k_eps=1e-6, hadamard=True)
+        index_prologue(**_valid_args(d=24), hadamard=True)
 
 
 def test_decode_step_writes_the_same_cache(force_impl, monkeypatch):

@@ -33,27 +33,33 @@ def rope_cos_sin(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin [B, T, dim]`` for ``position_ids [B, T]`` or M-RoPE ``[3, B, T]`` (needs ``sections``)."""
-    if dim % 2:
-        raise ValueError(f"rotary dim must be even; got {dim}")
+    check_positions(position_ids, dim, sections)
     device = position_ids.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
     if position_ids.dim() == 2:
         freqs = position_ids.double()[..., None] * inv_freq
-    elif position_ids.dim() == 3 and position_ids.shape[0] == 3:
-        if sections is None or len(sections) != 3 or sum(sections) != dim // 2:
-            raise ValueError(
-                f"3-D (M-RoPE) position_ids need 3 mrope sections summing to {dim // 2}; got {sections}"
-            )
+    else:
         # each frequency's axis (0, 1, 2), from host ints only: no host-to-device copy (CUDA graphs)
         bounds = itertools.accumulate(sections[:2])
         freq = torch.arange(dim // 2, device=device)
         axis = sum((freq >= b).long() for b in bounds)
         all_freqs = position_ids.double()[..., None] * inv_freq  # [3, B, T, dim/2]
         freqs = all_freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *all_freqs.shape[1:]))[0]
-    else:
-        raise ValueError(f"position_ids must be [B, T] or [3, B, T]; got shape {tuple(position_ids.shape)}")
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def check_positions(position_ids: torch.Tensor, dim: int, sections: list[int] | None) -> None:
+    """``position_ids`` must be ``[B, T]``, or ``[3, B, T]`` with 3 sections covering ``dim / 2``."""
+    if dim % 2:
+        raise ValueError(f"rotary dim must be even; got {dim}")
+    if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+        if sections is None or len(sections) != 3 or sum(sections) != dim // 2:
+            raise ValueError(
+                f"3-D (M-RoPE) position_ids need 3 mrope sections summing to {dim // 2}; got {sections}"
+            )
+    elif position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [B, T] or [3, B, T]; got shape {tuple(position_ids.shape)}")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 from keye_dsa.ops.index_prologue import index_prologue
 from keye_dsa.ops.indexer_topk import select_topk
 from keye_dsa.ops.indexer_topk.decode import dequantize_index_keys, select_topk_decode
-from keye_dsa.rope import rope_cos_sin, scale_sections
+from keye_dsa.rope import scale_sections
 
 MODES = ("off", "dense_warmup", "sparse")
 # Queries per row up to which selection takes the decode kernels (each of their queries streams the keys).
@@ -99,14 +99,13 @@ class LightningIndexer(nn.Module):
                 f"hidden_states must be [batch, seq, {self.hidden_size}]; got {tuple(hidden_states.shape)}"
             )
         batch, t, _ = hidden_states.shape
-        if rope is None:
-            if position_ids is None:
-                position_ids = torch.arange(t, device=hidden_states.device).expand(batch, t)
-            rope = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.sections)
+        if rope is None and position_ids is None:
+            position_ids = torch.arange(t, device=hidden_states.device).expand(batch, t)
         return index_prologue(
-            self.q_proj(hidden_states), self.k_proj(hidden_states), *rope, self.q_norm.weight,
-            self.k_norm.weight, self.k_norm.bias, num_heads=self.num_heads, q_eps=_eps(self.q_norm.eps),
-            k_eps=self.k_norm.eps, out_dtype=hidden_states.dtype, hadamard=self.hadamard, fp8_keys=fp8_keys,
+            self.q_proj(hidden_states), self.k_proj(hidden_states), self.q_norm.weight, self.k_norm.weight,
+            self.k_norm.bias, num_heads=self.num_heads, q_eps=_eps(self.q_norm.eps), k_eps=self.k_norm.eps,
+            rope=rope, position_ids=None if rope is not None else position_ids, rope_theta=self.rope_theta,
+            sections=self.sections, out_dtype=hidden_states.dtype, hadamard=self.hadamard, fp8_keys=fp8_keys,
         )  # fmt: skip
 
     def select(

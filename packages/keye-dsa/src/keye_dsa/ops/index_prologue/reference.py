@@ -7,14 +7,12 @@ import torch.nn.functional as F
 
 from keye_dsa.hadamard import hadamard_rotate
 from keye_dsa.ops.indexer_topk.decode import quantize_index_keys
-from keye_dsa.rope import apply_rope
+from keye_dsa.rope import apply_rope, rope_cos_sin
 
 
 def index_prologue_reference(
     q_all: torch.Tensor,
     k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     q_norm_weight: torch.Tensor,
     k_norm_weight: torch.Tensor,
     k_norm_bias: torch.Tensor,
@@ -23,12 +21,17 @@ def index_prologue_reference(
     q_eps: float,
     k_eps: float,
     out_dtype: torch.dtype,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    position_ids: torch.Tensor | None = None,
+    rope_theta: float | None = None,
+    sections: list[int] | None = None,
     hadamard: bool = False,
     fp8_keys: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """See ``index_prologue``: fp32 norms, RoPE and rotation, then the cast (and FP8 quantization)."""
     batch, t, _ = q_all.shape
     d = k.shape[-1]
+    cos, sin = rope if rope is not None else rope_cos_sin(position_ids, d, rope_theta, sections)
     q = q_all[..., : num_heads * d].reshape(batch, t, num_heads, d)
     weights = q_all[..., num_heads * d :].float()
     q = F.rms_norm(q.float(), (d,), q_norm_weight.float(), q_eps)

@@ -13,6 +13,9 @@ and the rest within each half. Forward only: training (autograd) takes the refer
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -56,16 +59,36 @@ def _rotate(x1, x2, R: tl.constexpr, HALF: tl.constexpr, LOG_HALF: tl.constexpr)
 
 
 @triton.jit
+def _rotary_from_positions(POS, b, t, sp_axis, sp_b, sp_t, log2_theta_bits, j,
+                           HALF: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr):  # fmt: skip
+    """cos and sin of frequency ``j`` at the token's position, in fp64 then rounded to fp32, as
+    ``rope_cos_sin`` computes them (M-RoPE: frequencies below ``SEC0`` take position row 0, the next
+    ``SEC1`` row 1, the rest row 2; plain RoPE passes ``SEC0 = HALF``). ``log2(theta)`` comes as the bits
+    of an fp64 in an int64: a Python float argument reaches a compiled kernel as fp32, whose rounding
+    would move angles by up to ~6e-3 rad at 256K positions (the interpreter keeps fp64: it would not
+    show)."""
+    p = POS + b * sp_b + t * sp_t
+    pos = tl.load(p).to(tl.float64)
+    if SEC0 < HALF:
+        pos = tl.where(j < SEC0, pos, tl.load(p + sp_axis).to(tl.float64))
+        pos = tl.where(j < SEC0 + SEC1, pos, tl.load(p + 2 * sp_axis).to(tl.float64))
+    log2_theta = log2_theta_bits.to(tl.float64, bitcast=True)
+    angle = pos * tl.exp2(-(j.to(tl.float64) * 2.0) / (2 * HALF) * log2_theta)  # theta ** (-2j / D)
+    return tl.cos(angle).to(tl.float32), tl.sin(angle).to(tl.float32)
+
+
+@triton.jit
 def _index_prologue(
-    QA, K, COS, SIN, QW, KW, KB, QO, WO, KO, KS,
-    sqa_b, sqa_t, sk_b, sk_t, sc_b, sc_t, ss_b, ss_t,
-    T, H, q_eps, k_eps,
+    QA, K, COS, SIN, POS, QW, KW, KB, QO, WO, KO, KS,
+    sqa_b, sqa_t, sk_b, sk_t, sc_b, sc_t, ss_b, ss_t, sp_axis, sp_b, sp_t,
+    T, H, q_eps, k_eps, log2_theta_bits,
     HALF: tl.constexpr, LOG_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr,
-    HADAMARD: tl.constexpr, FP8: tl.constexpr,
+    FROM_POSITIONS: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr, HADAMARD: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     """Token ``program_id(0)`` (of ``B*T``): ``QA [B,T,H*D+H]`` (queries then gates) and ``K [B,T,D]``
     -> ``QO [B*T,H,D]``, ``WO [B*T,H]`` fp32, ``KO [B*T,D]`` (with ``FP8``: e4m3 bytes, ``KS [B*T]`` the
-    per-key scale)."""
+    per-key scale). The rotary angles come from ``COS``/``SIN`` or, ``FROM_POSITIONS``, ``POS``."""
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = pid % T
@@ -81,12 +104,16 @@ def _index_prologue(
     kp = K + b * sk_b + t * sk_t
     k1 = tl.load(kp + j, mask=jm, other=0.0).to(tl.float32)
     k2 = tl.load(kp + HALF + j, mask=jm, other=0.0).to(tl.float32)
-    cp = COS + b * sc_b + t * sc_t
-    sp = SIN + b * ss_b + t * ss_t
-    c1 = tl.load(cp + j, mask=jm, other=0.0).to(tl.float32)
-    c2 = tl.load(cp + HALF + j, mask=jm, other=0.0).to(tl.float32)
-    s1 = tl.load(sp + j, mask=jm, other=0.0).to(tl.float32)
-    s2 = tl.load(sp + HALF + j, mask=jm, other=0.0).to(tl.float32)
+    if FROM_POSITIONS:  # the two halves share their angles
+        c1, s1 = _rotary_from_positions(POS, b, t, sp_axis, sp_b, sp_t, log2_theta_bits, j, HALF, SEC0, SEC1)
+        c2, s2 = c1, s1
+    else:
+        cp = COS + b * sc_b + t * sc_t
+        sp = SIN + b * ss_b + t * ss_t
+        c1 = tl.load(cp + j, mask=jm, other=0.0).to(tl.float32)
+        c2 = tl.load(cp + HALF + j, mask=jm, other=0.0).to(tl.float32)
+        s1 = tl.load(sp + j, mask=jm, other=0.0).to(tl.float32)
+        s2 = tl.load(sp + HALF + j, mask=jm, other=0.0).to(tl.float32)
 
     # q_norm: RMSNorm of each head, then the weight (the reference's order of roundings)
     rms = tl.rsqrt((tl.sum(q1 * q1, 1) + tl.sum(q2 * q2, 1)) / d + q_eps)
@@ -127,9 +154,14 @@ def _index_prologue(
     tl.store(KO + row * d + HALF + j, k2.to(KO.dtype.element_ty), mask=jm)
 
 
+def _fp64_bits(x: float) -> int:
+    """The bits of ``x > 0`` as an fp64, in an int64 (past int32's range: the kernel gets an int64)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
 def index_prologue_fwd(
-    q_all, k, cos, sin, q_norm_weight, k_norm_weight, k_norm_bias, num_heads, q_eps, k_eps, out_dtype,
-    hadamard, fp8_keys,
+    q_all, k, q_norm_weight, k_norm_weight, k_norm_bias, *, num_heads, q_eps, k_eps, out_dtype, rope=None,
+    position_ids=None, rope_theta=None, sections=None, hadamard=False, fp8_keys=False,
 ):  # fmt: skip
     """The kernel's launch: ``(q_index, k_index or its FP8 bytes, weights, k_scale or None)``."""
     batch, t, _ = q_all.shape
@@ -143,15 +175,24 @@ def index_prologue_fwd(
     if rows == 0:
         return q_index, k_index, weights, k_scale
     q_all, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_all, k))
-    cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
-    cos, sin = (x.expand(batch, t, d) for x in (cos, sin))
+    if rope is not None:
+        cos, sin = (
+            x.expand(batch, t, d) if x.stride(-1) == 1 else x.contiguous().expand(batch, t, d) for x in rope
+        )
+        pos, pos_strides, sec = q_all, (0, 0, 0), (d // 2, 0)  # no positions: placeholders
+    else:
+        cos = sin = q_all  # placeholders
+        pos = position_ids.expand(3, batch, t) if position_ids.dim() == 3 else position_ids.expand(batch, t)
+        pos_strides = (pos.stride(0), pos.stride(1), pos.stride(2)) if pos.dim() == 3 else (0, *pos.stride())
+        sec = (sections[0], sections[1]) if pos.dim() == 3 else (d // 2, 0)
     _index_prologue[(rows,)](
-        q_all, k, cos, sin, q_norm_weight, k_norm_weight, k_norm_bias, q_index, weights, k_index,
+        q_all, k, cos, sin, pos, q_norm_weight, k_norm_weight, k_norm_bias, q_index, weights, k_index,
         weights if k_scale is None else k_scale,
         q_all.stride(0), q_all.stride(1), k.stride(0), k.stride(1), cos.stride(0), cos.stride(1),
-        sin.stride(0), sin.stride(1), t, num_heads, q_eps, k_eps,
+        sin.stride(0), sin.stride(1), *pos_strides, t, num_heads, q_eps, k_eps,
+        0 if rope is not None else _fp64_bits(math.log2(rope_theta)),
         HALF=d // 2, LOG_HALF=(d // 2).bit_length() - 1, BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_J=triton.next_power_of_2(d // 2),
+        BLOCK_J=triton.next_power_of_2(d // 2), FROM_POSITIONS=rope is None, SEC0=sec[0], SEC1=sec[1],
         HADAMARD=hadamard, FP8=fp8_keys, num_warps=4,
     )  # fmt: skip
     return q_index, k_index, weights, k_scale
