@@ -104,6 +104,18 @@ def test_rounding_helpers_match_torch_casts():
     assert torch.equal(bf16, x.to(torch.bfloat16))  # drops the sign of a zero e4m3
 
 
+def test_positions_broadcast_over_the_batch(force_impl):
+    """``position_ids [1, T]`` (as Hugging Face models pass them) rotate every row alike."""
+    inputs, rotary = _inputs(3, 4, 2, 16, torch.float32, seed=3)
+    one_row = rotary["position_ids"][:1]
+    want = index_prologue_reference(*inputs, num_heads=2, q_eps=1e-6, k_eps=1e-6, out_dtype=torch.float32,
+                                    position_ids=one_row.expand(3, 4), rope_theta=1e6)  # fmt: skip
+    force_impl("triton")
+    got = index_prologue(*inputs, num_heads=2, q_eps=1e-6, k_eps=1e-6, position_ids=one_row, rope_theta=1e6)
+    assert (got[0] - want[0]).abs().max() <= 1e-5 * want[0].abs().max()
+    assert (got[1] - want[1]).abs().max() <= 1e-5 * want[1].abs().max()
+
+
 def test_autograd_takes_the_reference(force_impl):
     """With gradients wanted the reference runs (the kernel is forward only) and gradients flow."""
     force_impl("triton")
@@ -141,6 +153,7 @@ def _with_positions(args, shape):
         (lambda a: {**a, "position_ids": torch.zeros(1, 2, dtype=torch.long)}, "not both"),
         (lambda a: {**a, "rope": None}, "not both"),
         (lambda a: _with_positions(a, (1, 3)), "position_ids must be integer"),
+        (lambda a: _with_positions(a, (2, 2)), "position_ids must be integer"),
         (lambda a: _with_positions(a, (3, 1, 2)), "3 mrope sections"),
         (lambda a: {**a, "rope": None, "position_ids": torch.zeros(1, 2, dtype=torch.long)}, "rope_theta"),
         (lambda a: {**a, "hadamard": True}, None),  # valid: 16 is a power of two

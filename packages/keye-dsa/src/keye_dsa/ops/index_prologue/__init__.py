@@ -99,10 +99,14 @@ def _check_rotation(rope, position_ids, rope_theta, sections, batch: int, t: int
                 )
         return
     check_positions(position_ids, d, sections)
-    if tuple(position_ids.shape[-2:]) != (batch, t) or position_ids.is_floating_point():
+    if (
+        position_ids.shape[-2] not in (1, batch)
+        or position_ids.shape[-1] != t
+        or position_ids.is_floating_point()
+    ):
         raise ValueError(
-            f"position_ids must be integer [{batch}, {t}] or [3, {batch}, {t}]; got {position_ids.dtype} "
-            f"{list(position_ids.shape)}"
+            f"position_ids must be integer [{batch} or 1, {t}] or [3, {batch} or 1, {t}]; got "
+            f"{position_ids.dtype} {list(position_ids.shape)}"
         )
     if rope_theta is None or rope_theta <= 1:
         raise ValueError(f"rope_theta must be a number > 1 with position_ids; got {rope_theta}")
