@@ -146,17 +146,13 @@ def extend_index_cache(index_cache: dict | None, k_index: torch.Tensor, k_scale:
     """Appends this call's index keys to ``index_cache`` (a layer's dict: ``"k_index"``, and with
     ``"index_dtype"`` FP8 the per-key ``"k_index_scale"``, each in a growing buffer: ``append_rows``, or
     a static cache's: ``write_rows``); returns every key so far and their scales (``None`` unless FP8).
-    FP8 keys come quantized, with ``k_scale`` (``LightningIndexer.project(fp8_keys=True)``). Without FP8
-    the returned keys keep this call's autograd graph."""
+    FP8 keys come quantized, with ``k_scale``: ``dsa_forward`` asks ``LightningIndexer.project`` for them
+    when the cache's ``"index_dtype"`` is FP8. Without FP8 the returned keys keep this call's autograd
+    graph."""
     if index_cache is None:
         return k_index, k_scale
     capacity = index_cache.get("capacity", 0)
     append = write_rows if index_cache.get("static", False) else append_rows
-    if (index_cache.get("index_dtype") == torch.float8_e4m3fn) != (k_scale is not None):
-        raise ValueError(
-            f"the cache keeps index keys as {index_cache.get('index_dtype') or 'the activations'}, but got "
-            f"{k_index.dtype} keys {'with' if k_scale is not None else 'without'} FP8 scales"
-        )
     keys = append(index_cache, "k_index", k_index, capacity)
     return keys, None if k_scale is None else append(index_cache, "k_index_scale", k_scale, capacity)
 
