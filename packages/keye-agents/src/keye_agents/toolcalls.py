@@ -175,6 +175,9 @@ def render_tool_calls(calls: Iterable[ToolCall | Mapping[str, Any]]) -> str:
     for call in calls:
         c = _as_call(call)
         payload = json.dumps({"name": c.name, "arguments": c.arguments}, ensure_ascii=False)
+        # "</" only occurs inside JSON strings; escaped, a name or argument holding "</think>" or
+        # "</tool_call>" cannot end the reasoning or the block when the text is parsed back
+        payload = payload.replace("</", "<\\/")
         blocks.append(f"{OPEN}\n{payload}\n{CLOSE}")
     return "\n".join(blocks)
 
